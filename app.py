@@ -1,0 +1,31 @@
+"""kvviz: the Streamlit entry point. Page config, the shared sidebar, navigation over pages/.
+
+Run: streamlit run app.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from kvviz import ui
+
+st.set_page_config(page_title="kvviz — see the KV cache", page_icon="🧮", layout="wide")
+
+HERE = Path(__file__).parent
+# (file, title, icon) in menu order; a page is listed once its file exists.
+PAGES = [
+    ("pages/home.py", "Home", "🏠"),
+    ("pages/step_through.py", "Step through", "👣"),
+    ("pages/bug_lab.py", "Bug lab", "🐞"),
+    ("pages/cost.py", "Cache vs recompute", "⏱️"),
+    ("pages/memory.py", "Memory per token", "💾"),
+    ("pages/paged.py", "Paged & shared prefix", "🧱"),
+]
+
+nav = st.navigation(
+    [st.Page(str(HERE / f), title=t, icon=i, default=(f == "pages/home.py")) for f, t, i in PAGES if (HERE / f).exists()]
+)
+ui.model_sidebar()
+nav.run()

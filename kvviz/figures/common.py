@@ -1,0 +1,57 @@
+"""The shared look of every kvviz figure: colour scales, token labels, layout.
+
+Conventions (one place, so pages agree):
+- vectors and K/V entries: a diverging scale centred on 0 (`VALUE_SCALE`, zmid=0),
+- attention weights and probabilities: a sequential scale from 0 (`WEIGHT_SCALE`, zmin=0),
+- differences between two runs: `DIFF_SCALE`, centred on 0,
+- the newest row / the current step: outlined in `HIGHLIGHT`.
+Token labels are made unique with their position ("12 ␣the"): Plotly merges equal category labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+
+VALUE_SCALE = "RdBu_r"
+WEIGHT_SCALE = "Viridis"
+DIFF_SCALE = "PuOr"
+HIGHLIGHT = "#ff2d55"
+CACHED_COLOR = "#1f77b4"
+RECOMPUTE_COLOR = "#ff7f0e"
+FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=12)
+
+
+def show_token(token: str) -> str:
+    """Make whitespace visible: leading spaces as ␣, newlines as ⏎, empty as ∅."""
+    if token == "":
+        return "∅"
+    return token.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "␣")
+
+
+def token_labels(tokens: Sequence[str], start: int = 0) -> list[str]:
+    """Unique axis labels: position then the visible token."""
+    return [f"{start + i} {show_token(t)}" for i, t in enumerate(tokens)]
+
+
+def base_layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:
+    """Apply the shared layout. Colours are left to the theme (Streamlit's light/dark)."""
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None,
+        height=height,
+        margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+        font=FONT,
+        hoverlabel=dict(font_size=12),
+    )
+    return fig
+
+
+def highlight_row(fig: go.Figure, row: int, n_cols: int, row_offset: int = 0, **kwargs: object) -> go.Figure:
+    """Outline one heatmap row (index space: x from -0.5 to n_cols - 0.5)."""
+    y = row + row_offset
+    fig.add_shape(
+        type="rect", x0=-0.5, x1=n_cols - 0.5, y0=y - 0.5, y1=y + 0.5,
+        line=dict(color=HIGHLIGHT, width=2), fillcolor="rgba(0,0,0,0)", **kwargs,
+    )
+    return fig

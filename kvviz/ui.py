@@ -1,0 +1,99 @@
+"""The one kvviz module that imports Streamlit: the shared model, the sidebar, session-state keys.
+
+- The model is loaded once per process with `st.cache_resource` and shared read-only by every
+  browser session; nothing here mutates it.
+- Everything per user lives in `st.session_state`, with its keys declared once in `DEFAULTS`.
+- A failed load keeps the previous model working and says why in the sidebar.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import streamlit as st
+
+from kvviz.models import BUNDLED, SUGGESTED_MODELS, LoadedModel, ModelLoadError, load_model, pick_device
+
+# Every session-state key kvviz uses, with its initial value: one place, so pages agree.
+DEFAULTS: dict[str, Any] = {
+    # the last model that loaded successfully; KVVIZ_DEFAULT_MODEL picks the first one (deployments, tests)
+    "model_name": os.environ.get("KVVIZ_DEFAULT_MODEL", "").strip() or BUNDLED,
+    "model_error": None,  # message of the last failed load, shown once
+}
+
+
+def init_state(extra: dict[str, Any] | None = None) -> None:
+    """Initialise missing session-state keys (call at the top of every page)."""
+    for key, value in {**DEFAULTS, **(extra or {})}.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
+@st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=3)
+def get_model(name: str) -> LoadedModel:
+    """The process-wide shared model for `name` (errors are not cached, so a retry reloads)."""
+    return load_model(name)
+
+
+def current_model() -> LoadedModel:
+    """The model this session selected (the sidebar guarantees it loaded)."""
+    init_state()
+    return get_model(st.session_state["model_name"])
+
+
+def _on_model_change() -> None:
+    name = (st.session_state.get("model_choice") or "").strip()
+    if name == "other…":
+        return
+    _try_load(name)
+
+
+def _on_custom_model() -> None:
+    _try_load((st.session_state.get("model_custom") or "").strip())
+
+
+def _try_load(name: str) -> None:
+    if not name or name == st.session_state["model_name"]:
+        return
+    try:
+        get_model(name)
+    except ModelLoadError as e:
+        st.session_state["model_error"] = str(e)
+        return
+    st.session_state["model_name"] = name
+    st.session_state["model_error"] = None
+
+
+def model_sidebar() -> LoadedModel | None:
+    """The shared sidebar block: model picker, device, load errors. Returns the working model."""
+    init_state()
+    with st.sidebar:
+        st.markdown("### Model")
+        options = list(SUGGESTED_MODELS) + ["other…"]
+        current = st.session_state["model_name"]
+        index = options.index(current) if current in options else len(options) - 1
+        st.selectbox(
+            "Model", options, index=index, key="model_choice", on_change=_on_model_change,
+            help="'bundled' is a small Llama trained on Jane Austen, shipped with kvviz (works offline). "
+            "The others download from the Hugging Face hub and need internet.",
+        )
+        if st.session_state.get("model_choice") == "other…":
+            st.text_input(
+                "Hub id or local checkpoint path", key="model_custom", on_change=_on_custom_model,
+                placeholder="e.g. HuggingFaceTB/SmolLM2-135M or /path/to/checkpoint",
+            )
+        if st.session_state["model_error"]:
+            st.error(st.session_state["model_error"] + f"\n\nStill using **{st.session_state['model_name']}**.")
+        try:
+            lm = get_model(st.session_state["model_name"])
+        except ModelLoadError as e:
+            st.error(str(e))
+            return None
+        info = lm.info
+        st.caption(
+            f"**{info.name}** · {info.model_type} · {info.num_layers} layers · {info.num_heads} heads / "
+            f"{info.num_key_value_heads} KV heads ({info.attention_kind}) · context {info.max_positions}  \n"
+            f"device **{info.device}** ({info.dtype}); best available here: {pick_device().type}"
+        )
+    return lm
