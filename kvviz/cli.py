@@ -126,6 +126,14 @@ def _registrars() -> list[Callable[[Any], None]]:
     return regs
 
 
+def quiet_transformers() -> None:
+    """No progress bars or warnings from transformers: stderr carries only kvviz's one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvviz", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_transformers()
     try:
         return int(args.func(args))
     except (CLIError, ModelLoadError, InputError, ValueError) as e:

@@ -70,7 +70,7 @@ def model_sidebar() -> LoadedModel | None:
     init_state()
     with st.sidebar:
         st.markdown("### Model")
-        options = list(SUGGESTED_MODELS) + ["other…"]
+        options = [*SUGGESTED_MODELS, "other…"]
         current = st.session_state["model_name"]
         index = options.index(current) if current in options else len(options) - 1
         st.selectbox(
@@ -79,6 +79,8 @@ def model_sidebar() -> LoadedModel | None:
             "The others download from the Hugging Face hub and need internet.",
         )
         if st.session_state.get("model_choice") == "other…":
+            if "model_custom" not in st.session_state and current not in SUGGESTED_MODELS:
+                st.session_state["model_custom"] = current
             st.text_input(
                 "Hub id or local checkpoint path", key="model_custom", on_change=_on_custom_model,
                 placeholder="e.g. HuggingFaceTB/SmolLM2-135M or /path/to/checkpoint",
