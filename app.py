@@ -11,17 +11,17 @@ import streamlit as st
 
 from kvviz import ui
 
-st.set_page_config(page_title="kvviz — see the KV cache", page_icon="🧮", layout="wide")
+st.set_page_config(page_title="kvviz — see the KV cache", page_icon=":material/grid_view:", layout="wide")
 
 HERE = Path(__file__).parent
 # (file, title, icon) in menu order; a page is listed once its file exists.
 PAGES = [
-    ("pages/home.py", "Home", "🏠"),
-    ("pages/step_through.py", "Step through", "👣"),
-    ("pages/bug_lab.py", "Bug lab", "🐞"),
-    ("pages/cost.py", "Cache vs recompute", "⏱️"),
-    ("pages/memory.py", "Memory per token", "💾"),
-    ("pages/paged.py", "Paged & shared prefix", "🧱"),
+    ("pages/home.py", "Home", ":material/home:"),
+    ("pages/step_through.py", "Step through", ":material/step:"),
+    ("pages/bug_lab.py", "Bug lab", ":material/bug_report:"),
+    ("pages/cost.py", "Cache vs recompute", ":material/timer:"),
+    ("pages/memory.py", "Memory per token", ":material/memory:"),
+    ("pages/paged.py", "Paged & shared prefix", ":material/view_module:"),
 ]
 
 nav = st.navigation(

@@ -32,7 +32,9 @@ c[0].metric("Layers", info.num_layers)
 c[1].metric("Query heads", info.num_heads)
 c[2].metric("KV heads", f"{info.num_key_value_heads} ({info.attention_kind})")
 c[3].metric("head_dim", info.head_dim)
-c[4].metric(f"Cache bytes / token ({info.dtype})", f"{geo.bytes_per_token(info.dtype):,}")
+c[4].metric("KV bytes / token", f"{geo.bytes_per_token(info.dtype):,}",
+            help=f"2 (K and V) × {info.num_layers} layers × {info.num_key_value_heads} KV heads × "
+            f"{info.head_dim} head_dim × {geo.bytes_per_token(info.dtype) // (2 * info.num_layers * info.num_key_value_heads * info.head_dim)} bytes ({info.dtype})")
 
 st.subheader("Quick run")
 with st.form("quick"):
