@@ -37,14 +37,20 @@ def token_labels(tokens: Sequence[str], start: int = 0) -> list[str]:
 
 def base_layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:
     """Apply the shared layout. Colours are left to the theme (Streamlit's light/dark)."""
-    fig.update_layout(
+    fig.update_layout(**base_layout_dict(title, height))
+    return fig
+
+
+def base_layout_dict(title: str | None = None, height: int = 360) -> dict:
+    """The shared layout as a plain dict, for `go.Figure(data, layout={**base_layout_dict(...), ...})`:
+    building a figure in one go is ~4x faster than `update_layout` after the fact (matters per step)."""
+    return dict(
         title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None,
         height=height,
         margin=dict(l=10, r=10, t=40 if title else 10, b=10),
         font=FONT,
         hoverlabel=dict(font_size=12),
     )
-    return fig
 
 
 def highlight_row(fig: go.Figure, row: int, n_cols: int, row_offset: int = 0, **kwargs: object) -> go.Figure:
