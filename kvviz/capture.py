@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,9 +35,11 @@ if TYPE_CHECKING:
 ATTN_IMPLEMENTATION = "kvviz"
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """Detach to a float32 CPU array (a copy: the cache may be mutated in place later)."""
-    return t.detach().to("cpu", torch.float32).numpy().copy()
+def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
+    """Detach to a float32 CPU array: a copy by default, since the cache may be mutated in place
+    later; `copy=False` for tensors made inside this step's attention, which nothing else writes."""
+    a = t.detach().to("cpu", torch.float32).numpy()
+    return a.copy() if copy else a
 
 
 @dataclass
@@ -63,13 +66,13 @@ class StepRecorder:
         key: torch.Tensor,
         value: torch.Tensor,
     ) -> None:
-        scores_np = to_numpy(scores[0])  # (num_heads, q_len, kv_len)
+        scores_np = to_numpy(scores[0], copy=False)  # (num_heads, q_len, kv_len)
         # the mask adds dtype-min, not -inf; store masked entries as -inf so they read as "not visible"
         scores_np[scores_np < -1e30] = -np.inf
         rec = {
-            "query_states": to_numpy(query[0]),  # (num_heads, q_len, head_dim)
+            "query_states": to_numpy(query[0], copy=False),  # (num_heads, q_len, head_dim)
             "scores": scores_np,
-            "weights": to_numpy(weights[0]),  # (num_heads, q_len, kv_len)
+            "weights": to_numpy(weights[0], copy=False),  # (num_heads, q_len, kv_len)
             "kv_head_of": kv_head_of.detach().cpu().numpy().astype(np.int64),
         }
         if self.keep_attended:
@@ -96,9 +99,17 @@ def recording(recorder: StepRecorder) -> Iterator[StepRecorder]:
 
 
 def default_kv_head_of(num_heads: int, num_key_value_heads: int, device: Any = None) -> torch.Tensor:
-    """Query head h reads KV head h // group (transformers' `repeat_kv` layout): (num_heads,)."""
+    """Query head h reads KV head h // group (transformers' `repeat_kv` layout): (num_heads,).
+
+    Built once per shape and device (every layer of every step asks); treat it as read-only."""
+    return _default_kv_head_of(num_heads, num_key_value_heads, device)
+
+
+@lru_cache(maxsize=64)
+def _default_kv_head_of(num_heads: int, num_key_value_heads: int, device: Any) -> torch.Tensor:
     group = num_heads // num_key_value_heads
-    return torch.arange(num_heads, device=device) // group
+    with torch.inference_mode(False):  # a normal tensor, usable whether or not the first caller was in inference mode
+        return torch.arange(num_heads, device=device) // group
 
 
 def fit_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
@@ -150,15 +161,31 @@ def kvviz_attention(
     if bug_on:
         kv_head_of = bug.kv_head_of(kv_head_of, num_kv, layer_idx, recorder.step)
         attention_mask = bug.mask(attention_mask, q_len, layer_idx, recorder.step)
-    key_per_head = key[:, kv_head_of]  # (batch, num_heads, kv_len, head_dim)
-    value_per_head = value[:, kv_head_of]  # (batch, num_heads, kv_len, head_dim)
-
-    scores = torch.matmul(query, key_per_head.transpose(-1, -2)) * scaling  # (batch, num_heads, q_len, kv_len)
+    batch, group = query.shape[0], num_heads // num_kv
+    # The standard sharing (query head h reads KV head h // group) folds the heads of a group into
+    # the query rows of their KV head: the same products as repeating K/V per head (transformers'
+    # repeat_kv) without copying the whole cache in every layer at every step, which cost several
+    # times the attention itself. A bug that remaps heads takes the general gather path.
+    folded = not bug_on or torch.equal(kv_head_of, default_kv_head_of(num_heads, num_kv, query.device))
+    if folded:
+        query_folded = query.reshape(batch, num_kv, group * q_len, query.shape[-1])  # (batch, num_kv, group*q_len, head_dim)
+        scores = torch.matmul(query_folded, key.transpose(-1, -2)).view(batch, num_heads, q_len, kv_len) * scaling
+    else:
+        key_per_head = key[:, kv_head_of]  # (batch, num_heads, kv_len, head_dim)
+        scores = torch.matmul(query, key_per_head.transpose(-1, -2)) * scaling  # (batch, num_heads, q_len, kv_len)
     if attention_mask is not None:
         scores = scores + attention_mask
     # softmax in float32 as eager attention does: keeps half-precision caches comparable
-    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (batch, num_heads, q_len, kv_len)
-    output = torch.matmul(weights, value_per_head).transpose(1, 2).contiguous()  # (batch, q_len, num_heads, head_dim)
+    if scores.dtype == torch.float32:  # (the casts cost a few microseconds per layer even when they do nothing)
+        weights = torch.softmax(scores, dim=-1)  # (batch, num_heads, q_len, kv_len)
+    else:
+        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if folded:
+        weights_folded = weights.reshape(batch, num_kv, group * q_len, kv_len)
+        output = torch.matmul(weights_folded, value).view(batch, num_heads, q_len, value.shape[-1])  # (b, nh, q_len, hd)
+    else:
+        output = torch.matmul(weights, value[:, kv_head_of])  # (batch, num_heads, q_len, head_dim)
+    output = output.transpose(1, 2).contiguous()  # (batch, q_len, num_heads, head_dim)
 
     recorder.record_attention(layer_idx, query, scores, weights, kv_head_of, key, value)
     return output, weights

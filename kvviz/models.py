@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kvviz import capture
-from kvviz.memory import kv_geometry
+from kvviz.memory import human_bytes, kv_geometry
 from kvviz.trace import ModelInfo
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -87,12 +87,19 @@ def resolve(name: str) -> str:
     return name
 
 
-def check_allowed(name: str) -> None:
-    """Shared deployments restrict loadable models with KVVIZ_ALLOWED_MODELS (comma-separated)."""
+def allowed_models() -> tuple[str, ...] | None:
+    """The models a shared deployment allows (KVVIZ_ALLOWED_MODELS, comma-separated), or None for any."""
     allowed = os.environ.get("KVVIZ_ALLOWED_MODELS", "").strip()
     if not allowed:
+        return None
+    return tuple(dict.fromkeys(n.strip() for n in allowed.split(",") if n.strip()))
+
+
+def check_allowed(name: str) -> None:
+    """Shared deployments restrict loadable models with KVVIZ_ALLOWED_MODELS (comma-separated)."""
+    names = allowed_models()
+    if names is None:
         return
-    names = {n.strip() for n in allowed.split(",") if n.strip()}
     if name.strip() not in names:
         raise ModelLoadError(f"model {name!r} is not allowed on this deployment; allowed: {', '.join(sorted(names))}")
 
@@ -121,6 +128,8 @@ def load_config(name: str) -> Any:
     is_local = Path(target).exists()
     if not is_local and (target.startswith((".", "/", "~")) or target.count("/") > 1):
         raise ModelLoadError(f"no model directory at {target!r}")
+    if is_local and not (Path(target) / "config.json").is_file():
+        raise ModelLoadError(f"{target!r} is not a model directory (it has no config.json)")
     local_only = not is_local and not hub_reachable()
     try:
         return AutoConfig.from_pretrained(target, trust_remote_code=False, local_files_only=local_only)
@@ -197,8 +206,8 @@ def check_fits(name: str, config: Any, dtype: torch.dtype, device: torch.device,
     have = available_bytes(device) if available is None else available
     if need > MEMORY_HEADROOM * have:
         raise ModelLoadError(
-            f"model {name!r} needs about {need / 2**30:.1f} GiB for its weights in {str(dtype).replace('torch.', '')}, "
-            f"but only {have / 2**30:.1f} GiB is free on {device.type} (kvviz uses at most "
+            f"model {name!r} needs about {human_bytes(need)} for its weights in {str(dtype).replace('torch.', '')}, "
+            f"but only {human_bytes(have)} is free on {device.type} (kvviz uses at most "
             f"{MEMORY_HEADROOM:.0%}); pick a smaller model."
         )
     return need

@@ -14,8 +14,9 @@ is shared and only read. Use one Session per browser session, or `trace()` for a
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,22 +33,55 @@ class InputError(ValueError):
     """Bad user input (prompt, steps, limits); the message says how to fix it."""
 
 
+class RunAborted(InputError):
+    """A run ended by a fault (out of memory) mid-way; the steps recorded so far are kept."""
+
+
+def _env_limit(name: str, default: int) -> int:
+    """A positive whole-number limit from the environment (set per deployment), else `default`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be a whole number") from None
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be at least 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Caps that keep one session from taking the machine (shared deployments)."""
+    """Caps that keep one session from taking the machine (shared deployments).
 
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 256
-    max_trace_bytes: int = 512 * 2**20  # the recorded arrays of one run
+    A deployment sets the defaults with environment variables, read here and nowhere else:
+    KVVIZ_MAX_PROMPT_TOKENS, KVVIZ_MAX_NEW_TOKENS, KVVIZ_MAX_TRACE_MB. They are read when a
+    `Limits()` is made, which is when a session starts without explicit limits.
+    """
+
+    max_prompt_tokens: int = field(default_factory=lambda: _env_limit("KVVIZ_MAX_PROMPT_TOKENS", 512))
+    max_new_tokens: int = field(default_factory=lambda: _env_limit("KVVIZ_MAX_NEW_TOKENS", 256))
+    # the recorded arrays of one run
+    max_trace_bytes: int = field(default_factory=lambda: _env_limit("KVVIZ_MAX_TRACE_MB", 512) * 2**20)
     top_k: int = 10  # next-token candidates kept per step
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the ways torch and Python report exhausted memory (CUDA, MPS, CPU allocator)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 def context_length(lm: LoadedModel) -> int:
     return lm.info.max_positions or 2048
 
 
-def encode_prompt(lm: LoadedModel, prompt: str, limits: Limits = Limits()) -> list[int]:
+def encode_prompt(lm: LoadedModel, prompt: str, limits: Limits | None = None) -> list[int]:
     """Token ids of a prompt, refusing empty or over-long prompts with a clear message."""
+    limits = Limits() if limits is None else limits
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty: type some text to start from")
     ids = list(lm.tokenizer(prompt)["input_ids"])
@@ -62,7 +96,8 @@ def encode_prompt(lm: LoadedModel, prompt: str, limits: Limits = Limits()) -> li
     return ids
 
 
-def check_steps(lm: LoadedModel, n_prompt: int, steps: int, limits: Limits = Limits()) -> None:
+def check_steps(lm: LoadedModel, n_prompt: int, steps: int, limits: Limits | None = None) -> None:
+    limits = Limits() if limits is None else limits
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
     if steps > limits.max_new_tokens:
@@ -87,12 +122,12 @@ class Session:
         bug: str | CacheBug | None = None,
         sampling: Sampling | None = None,
         parity: bool = True,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         stop_at_eos: bool = True,
     ) -> None:
         self.lm = lm
         self.prompt = prompt
-        self.limits = limits
+        self.limits = limits = Limits() if limits is None else limits
         self.prompt_ids = encode_prompt(lm, prompt, limits)
         check_steps(lm, len(self.prompt_ids), max_new_tokens, limits)
         self.max_new_tokens = max_new_tokens
@@ -103,6 +138,8 @@ class Session:
         self.generator = new_generator(self.sampling)
         self.cache = self._new_cache()
         self.steps: list[Step] = []
+        self._trace_bytes = 0  # running sum of the steps' nbytes (summing every step each time is quadratic)
+        self._token_strs: dict[int, str] = {}  # token id -> its text, see _token_str
         self.ids: list[int] = list(self.prompt_ids)  # every token so far: prompt + generated
         self.stopped_reason: str | None = None
         self._eos = set(self._eos_ids())
@@ -128,8 +165,21 @@ class Session:
         positions = torch.arange(start, start + len(input_ids)).unsqueeze(0)  # (1, q_len)
         if self.bug is not None and self.bug.start_step <= n:
             positions = self.bug.positions(positions, n)
-        record = self._forward(n, input_ids, positions)
+        try:
+            record = self._forward(n, input_ids, positions)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            # end this run only: the shared model is untouched and the steps so far stay readable
+            self.stopped_reason = f"out of memory at step {n}"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise RunAborted(
+                f"ran out of memory at step {n} ({len(self.ids)} tokens in context); the run stopped and its "
+                f"{n} recorded steps are kept. Try a shorter prompt, fewer steps or a smaller model."
+            ) from e
         self.steps.append(record)
+        self._trace_bytes += record.nbytes()
         self.ids.append(record.token_id)
         if len(self.steps) >= self.max_new_tokens:
             self.stopped_reason = f"reached the {self.max_new_tokens} tokens asked for"
@@ -147,7 +197,7 @@ class Session:
         return self.trace()
 
     def trace_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.steps)
+        return self._trace_bytes
 
     def trace(self) -> Trace:
         tok = self.lm.tokenizer
@@ -179,7 +229,12 @@ class Session:
         return out
 
     def _token_str(self, token_id: int) -> str:
-        return self.lm.tokenizer.decode([token_id])
+        # ~8 us per decode call and eleven per step (chosen + top-k), with the same candidates
+        # recurring step after step: remember them for this session
+        text = self._token_strs.get(token_id)
+        if text is None:
+            text = self._token_strs[token_id] = self.lm.tokenizer.decode([token_id])
+        return text
 
     def _run_stale_prefix(self) -> None:
         """A bug that leaks the previous request's cache: fill it with that request first."""
@@ -214,7 +269,9 @@ class Session:
             max_diff = float((ref - logits).abs().max().item())
 
         with torch.inference_mode():
-            token_id = choose(logits, torch.tensor([self.ids], device=device), self.sampling, self.generator)
+            # the ids so far matter only to sampling warpers; building the tensor costs O(context) per step
+            seen = torch.empty(1, 0, dtype=torch.long) if self.sampling.is_greedy else torch.tensor([self.ids], device=device)
+            token_id = choose(logits, seen, self.sampling, self.generator)
             probs = torch.softmax(logits, dim=-1)  # (vocab,)
             p, idx = probs.topk(min(self.limits.top_k, probs.shape[-1]))
             logp = torch.log(probs.clamp_min(1e-30))
@@ -263,7 +320,7 @@ def trace(
     bug: str | CacheBug | None = None,
     sampling: Sampling | None = None,
     parity: bool = True,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
 ) -> Trace:
     """Run prefill + decode for `steps` new tokens and return the whole recorded Trace."""
     return Session(lm, prompt, steps, bug=bug, sampling=sampling, parity=parity, limits=limits).run()

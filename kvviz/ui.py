@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from kvviz.models import BUNDLED, SUGGESTED_MODELS, LoadedModel, ModelLoadError, load_model, pick_device
+from kvviz.models import BUNDLED, SUGGESTED_MODELS, LoadedModel, ModelLoadError, allowed_models, load_model, pick_device
 
 # Every session-state key kvviz uses, with its initial value: one place, so pages agree.
 DEFAULTS: dict[str, Any] = {
@@ -70,7 +70,8 @@ def model_sidebar() -> LoadedModel | None:
     init_state()
     with st.sidebar:
         st.markdown("### Model")
-        options = [*SUGGESTED_MODELS, "other…"]
+        allowed = allowed_models()  # a shared deployment's KVVIZ_ALLOWED_MODELS: offer exactly those
+        options = list(allowed) if allowed is not None else [*SUGGESTED_MODELS, "other…"]
         current = st.session_state["model_name"]
         index = options.index(current) if current in options else len(options) - 1
         st.selectbox(
@@ -78,6 +79,8 @@ def model_sidebar() -> LoadedModel | None:
             help="'bundled' is a small Llama trained on Jane Austen, shipped with kvviz (works offline). "
             "The others download from the Hugging Face hub and need internet.",
         )
+        if allowed is not None:
+            st.caption(f"This deployment allows only: {', '.join(allowed)}.")
         if st.session_state.get("model_choice") == "other…":
             if "model_custom" not in st.session_state and current not in SUGGESTED_MODELS:
                 st.session_state["model_custom"] = current
