@@ -1,4 +1,4 @@
-"""kvviz: the Streamlit entry point. Page config, the shared sidebar, navigation over pages/.
+"""kvviz: the Streamlit entry point. Page config, the shared sidebar, navigation over views/.
 
 Run: streamlit run app.py
 """
@@ -16,16 +16,16 @@ st.set_page_config(page_title="kvviz — see the KV cache", page_icon=":material
 HERE = Path(__file__).parent
 # (file, title, icon) in menu order; a page is listed once its file exists.
 PAGES = [
-    ("pages/home.py", "Home", ":material/home:"),
-    ("pages/step_through.py", "Step through", ":material/step:"),
-    ("pages/bug_lab.py", "Bug lab", ":material/bug_report:"),
-    ("pages/cost.py", "Cache vs recompute", ":material/timer:"),
-    ("pages/memory.py", "Memory per token", ":material/memory:"),
-    ("pages/paged.py", "Paged & shared prefix", ":material/view_module:"),
+    ("views/home.py", "Home", ":material/home:"),
+    ("views/step_through.py", "Step through", ":material/step:"),
+    ("views/bug_lab.py", "Bug lab", ":material/bug_report:"),
+    ("views/cost.py", "Cache vs recompute", ":material/timer:"),
+    ("views/memory.py", "Memory per token", ":material/memory:"),
+    ("views/paged.py", "Paged & shared prefix", ":material/view_module:"),
 ]
 
 nav = st.navigation(
-    [st.Page(str(HERE / f), title=t, icon=i, default=(f == "pages/home.py")) for f, t, i in PAGES if (HERE / f).exists()]
+    [st.Page(str(HERE / f), title=t, icon=i, default=(f == "views/home.py")) for f, t, i in PAGES if (HERE / f).exists()]
 )
 ui.model_sidebar()
 nav.run()

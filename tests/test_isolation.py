@@ -26,33 +26,9 @@ from kvviz.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-STEP_PAGE = str(ROOT / "pages" / "step_through.py")
+STEP_PAGE = str(ROOT / "views" / "step_through.py")
 ARRAYS = ("query_states", "key_states", "value_states", "scores", "weights", "kv_head_of",
           "attended_keys", "attended_values")
-
-
-@pytest.fixture
-def pages_through_app_py(monkeypatch):
-    """Run every page through app.py, as a running server does.
-
-    Streamlit keeps a process-wide flag for the old `pages/` folder mode: it is set while a
-    `pages/` folder exists and cleared by the first `st.navigation` call. A server clears it on
-    its first run; AppTest resets it before every run, so without this each rerun would execute
-    the page file alone, skipping app.py and its shared model sidebar.
-    """
-    from streamlit.runtime.scriptrunner import script_runner
-
-    compiled: dict[str, Any] = {}
-    lock = threading.Lock()  # compiled once: see compile_once
-
-    def run_main_script(main_script_path: str) -> None:
-        with lock:
-            if main_script_path not in compiled:
-                source = Path(main_script_path).read_text(encoding="utf-8")
-                compiled[main_script_path] = compile(source, main_script_path, "exec")
-        exec(compiled[main_script_path], {"__name__": "__main__", "__file__": main_script_path})
-
-    monkeypatch.setattr(script_runner, "_mpa_v1", run_main_script)
 
 
 def assert_same_run(got: kvviz.Trace, ref: kvviz.Trace) -> None:
@@ -217,7 +193,7 @@ def shown(at: AppTest) -> dict[str, Any]:
 
 
 def test_four_app_sessions_in_threads_equal_the_same_sessions_one_after_another(
-    tiny_checkpoint, shared_runtime, compile_once, pages_through_app_py
+    tiny_checkpoint, shared_runtime, compile_once
 ):
     """Four browser sessions stepping at once on one cached model: each sees only its own run."""
     model_dir = str(tiny_checkpoint)

@@ -17,7 +17,7 @@ def lab():
     """One app session on the Bug lab page (the bundled model), shared by the tests in order."""
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
-    at.switch_page("pages/bug_lab.py").run()
+    at.switch_page("views/bug_lab.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 import kvviz
@@ -16,24 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 
 
-@pytest.fixture(autouse=True)
-def pages_through_app_py(monkeypatch):
-    """Run pages through app.py as a server does (see tests/test_bad_input.py: AppTest otherwise
-    resets Streamlit's old pages/-folder mode before each run and executes the page alone)."""
-    from streamlit.runtime.scriptrunner import script_runner
-
-    def run_main_script(main_script_path: str) -> None:
-        code = compile(Path(main_script_path).read_text(encoding="utf-8"), main_script_path, "exec")
-        exec(code, {"__name__": "__main__", "__file__": main_script_path})
-
-    monkeypatch.setattr(script_runner, "_mpa_v1", run_main_script)
-
-
 def open_page(model_dir: Path, page: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["model_name"] = str(model_dir)
     at.run()
-    at.switch_page(str(ROOT / "pages" / page)).run()
+    at.switch_page(str(ROOT / "views" / page)).run()
     assert not at.exception, at.exception
     return at
 

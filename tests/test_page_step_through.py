@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-STEP_PAGE = "pages/step_through.py"
+STEP_PAGE = "views/step_through.py"
 TIMEOUT = 90
 
 

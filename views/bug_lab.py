@@ -77,7 +77,8 @@ def sidebar(lm: kvviz.LoadedModel, limits: kvviz.Limits) -> tuple[str, LabSettin
         mode = st.segmented_control("Mode", [PICK, MYSTERY], default=PICK, required=True, key="lab_mode",
                                     help="Mystery hides a random bug: inspect the evidence, then guess.")
         prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="lab_prompt", height=80)
-        steps = int(st.number_input("New tokens", 2, min(64, limits.max_new_tokens), DEFAULT_STEPS, key="lab_steps",
+        most = max(2, min(64, limits.max_new_tokens))  # a deployment cap may sit below the default
+        steps = int(st.number_input("New tokens", 2, most, min(DEFAULT_STEPS, most), key="lab_steps",
                                     help="Steps in each run; prefill is step 0."))
         layers: tuple[int, ...] | None = None
         start = 0

@@ -6,6 +6,7 @@ import streamlit as st
 
 from kvviz import ui
 from kvviz.memory import kv_geometry
+from kvviz.models import ModelLoadError
 from kvviz.session import InputError, trace
 
 ui.init_state()
@@ -24,7 +25,11 @@ Open **Step through** to watch it row by row, or the **Bug lab** to break it on 
 """
 )
 
-lm = ui.current_model()
+try:
+    lm = ui.current_model()
+except ModelLoadError as e:
+    st.error(f"No model loaded: {e}")
+    st.stop()
 info = lm.info
 geo = kv_geometry(lm.model.config)
 c = st.columns(5)

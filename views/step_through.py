@@ -53,7 +53,7 @@ def sidebar(limits: kvviz.Limits) -> tuple[RunSettings, bool]:
         st.markdown("### Run")
         prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="step_prompt", height=96, persist_state="session",
                               help="Ctrl+Enter or click away to apply; a new prompt restarts the run.")
-        new_tokens = st.number_input("New tokens", 1, limits.max_new_tokens, 24, key="step_new_tokens",
+        new_tokens = st.number_input("New tokens", 1, limits.max_new_tokens, min(24, limits.max_new_tokens), key="step_new_tokens",
                                      persist_state="session", help="Steps in the run: prefill makes the first token.")
         mode = st.segmented_control("Next token", ["greedy", "sample"], default="greedy", required=True,
                                     key="step_mode", persist_state="session")
