@@ -24,8 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def token_nll(model: PreTrainedModel, ids: Sequence[int], context: int = 256, stride: int = 128,
-              device: str | torch.device = "cpu", max_tokens: int | None = None) -> tuple[float, int]:
+def token_nll(
+    model: PreTrainedModel,
+    ids: Sequence[int],
+    context: int = 256,
+    stride: int = 128,
+    device: str | torch.device = "cpu",
+    max_tokens: int | None = None,
+) -> tuple[float, int]:
     """Sum of NLL (nats) of ``ids[1:]`` given their prefixes, with a sliding window.
 
     Args:
@@ -57,8 +63,14 @@ def token_nll(model: PreTrainedModel, ids: Sequence[int], context: int = 256, st
     return total, scored
 
 
-def bits_per_char(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                  context: int = 256, stride: int = 128, device: str | torch.device = "cpu") -> dict:
+def bits_per_char(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    context: int = 256,
+    stride: int = 128,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Bits per character of ``texts`` (each scored independently, starting from BOS).
 
     Returns a dict with ``bits_per_char``, ``nats_per_token``, ``tokens``, ``chars``.

@@ -130,9 +130,10 @@ def write_corpus(novels: dict[str, list[str]], out_dir: Path = DATA_DIR) -> dict
         )
     for split, paragraphs in (("train", train_all), ("valid", valid_all)):
         # mtime=0 makes the .gz byte-identical across reruns (no spurious diffs in git).
-        with open(out_dir / f"{split}.txt.gz", "wb") as raw, gzip.GzipFile(
-            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9
-        ) as gz:
+        with (
+            open(out_dir / f"{split}.txt.gz", "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+        ):
             gz.write(("\n".join(paragraphs) + "\n").encode("utf-8"))
     (out_dir / "splits.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -160,15 +161,21 @@ def load_split_by_novel(split: str, data_dir: Path = DATA_DIR) -> list[tuple[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rdata-dir", type=Path, default=DEFAULT_RDATA_DIR,
-                        help="janeaustenr/data directory holding Rdata.rdb and Rdata.rdx "
-                        "(apt-get download r-cran-janeaustenr && dpkg-deb -x FILE x)")
+    parser.add_argument(
+        "--rdata-dir",
+        type=Path,
+        default=DEFAULT_RDATA_DIR,
+        help="janeaustenr/data directory holding Rdata.rdb and Rdata.rdx "
+        "(apt-get download r-cran-janeaustenr && dpkg-deb -x FILE x)",
+    )
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR)
     args = parser.parse_args()
     summary = write_corpus(read_novel_lines(args.rdata_dir), args.out_dir)
     for n in summary["novels"]:
-        print(f"{n['title']:<22} train {n['train_paragraphs']:5d} paragraphs {n['train_chars']:8,d} chars"
-              f" | valid {n['valid_paragraphs']:4d} paragraphs {n['valid_chars']:7,d} chars")
+        print(
+            f"{n['title']:<22} train {n['train_paragraphs']:5d} paragraphs {n['train_chars']:8,d} chars"
+            f" | valid {n['valid_paragraphs']:4d} paragraphs {n['valid_chars']:7,d} chars"
+        )
 
 
 if __name__ == "__main__":

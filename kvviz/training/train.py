@@ -136,8 +136,7 @@ def lr_at(step: int, elapsed_frac: float, lr: float, warmup_steps: int, min_lr_r
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * cos)
 
 
-def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path,
-                    info: dict) -> None:
+def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict) -> None:
     """Save an fp16 copy of ``model`` + tokenizer + ``training.json`` into ``out``.
 
     Written to ``out/.tmp-save`` first and then moved file by file, so a run killed mid-save
@@ -147,7 +146,8 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     shutil.rmtree(tmp, ignore_errors=True)
     half = copy.deepcopy(model).to(torch.float16).eval()
     half.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     half.save_pretrained(str(tmp), safe_serialization=True)
@@ -166,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave cores to others)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                    help="bfloat16 autocast for forward/backward (fp32 weights)")
+    ap.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast for forward/backward (fp32 weights)",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -183,8 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-heads", type=int, default=ModelSpec.num_key_value_heads)
     ap.add_argument("--intermediate-size", type=int, default=ModelSpec.intermediate_size)
     ap.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
-    ap.add_argument("--quick-eval-tokens", type=int, default=8192,
-                    help="validation tokens per novel scored at each checkpoint (progress only)")
+    ap.add_argument(
+        "--quick-eval-tokens",
+        type=int,
+        default=8192,
+        help="validation tokens per novel scored at each checkpoint (progress only)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -196,13 +204,17 @@ def main(argv: list[str] | None = None) -> None:
     valid_texts = ["\n".join(p) for _t, p in load_split_by_novel("valid", args.data_dir)]
     tokenizer = train_tokenizer((p for _t, ps in train_novels for p in ps), args.vocab_size)
     stream = TokenStream(tokenizer, train_novels)
-    valid_ids = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"]]
-                 for t in valid_texts]
+    valid_ids = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"]] for t in valid_texts]
 
-    spec = ModelSpec(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
-                     num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                     num_key_value_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
-                     intermediate_size=args.intermediate_size)
+    spec = ModelSpec(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden_size // args.heads,
+        intermediate_size=args.intermediate_size,
+    )
     config = spec.to_config(tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = LlamaForCausalLM(config).to(args.device)
     model.config._attn_implementation = "sdpa"  # fastest for training; eval re-loads as needed
@@ -214,17 +226,19 @@ def main(argv: list[str] | None = None) -> None:
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm gains
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
 
     def quick_eval() -> float:
         """Held-out nats/token on the first tokens of each novel (progress signal only)."""
         nll, n = 0.0, 0
-        with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
-                            enabled=args.bf16):
+        with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
             for ids in valid_ids:
-                a, b = token_nll(model, ids, context=args.seq_len, stride=args.seq_len,
-                                 device=args.device, max_tokens=args.quick_eval_tokens)
+                a, b = token_nll(
+                    model, ids, context=args.seq_len, stride=args.seq_len, device=args.device, max_tokens=args.quick_eval_tokens
+                )
                 nll, n = nll + a, n + b
         return nll / n
 
@@ -233,8 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     history: list[dict] = []
     info: dict = {}
     t0 = last_save = time.time()
-    bar = tqdm(total=round(budget), unit="s", desc="train", mininterval=5.0,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm(
+        total=round(budget),
+        unit="s",
+        desc="train",
+        mininterval=5.0,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]",
+    )
     model.train()
     while True:
         elapsed = time.time() - t0
@@ -244,8 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         batch = stream.batch(rng, args.batch_size, args.seq_len, args.bos_prob).to(args.device)
-        with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
-                            enabled=args.bf16):
+        with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(input_ids=batch[:, :-1]).logits  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -257,17 +275,29 @@ def main(argv: list[str] | None = None) -> None:
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         now = time.time()
         bar.n = min(round(now - t0), bar.total)
-        bar.set_postfix(step=step, loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}",
-                        tok_s=f"{tokens_seen / (now - t0):.0f}", refresh=False)
+        bar.set_postfix(step=step, loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / (now - t0):.0f}", refresh=False)
         bar.update(0)
         if now - last_save >= args.save_every:
             val = quick_eval()
-            history.append({"seconds": round(now - t0), "step": step, "tokens": tokens_seen,
-                            "train_loss_ema": round(loss_ema, 4), "quick_valid_nats_per_token": round(val, 4)})
+            history.append(
+                {
+                    "seconds": round(now - t0),
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "train_loss_ema": round(loss_ema, 4),
+                    "quick_valid_nats_per_token": round(val, 4),
+                }
+            )
             tqdm.write(json.dumps(history[-1]))
-            info = {"status": "in progress", "steps": step, "tokens_seen": tokens_seen,
-                    "seconds": round(now - t0), "params": n_params, "args": _jsonable(vars(args)),
-                    "history": history}
+            info = {
+                "status": "in progress",
+                "steps": step,
+                "tokens_seen": tokens_seen,
+                "seconds": round(now - t0),
+                "params": n_params,
+                "args": _jsonable(vars(args)),
+                "history": history,
+            }
             save_checkpoint(model, tokenizer, args.out, info)
             last_save = time.time()
     bar.close()
@@ -275,17 +305,29 @@ def main(argv: list[str] | None = None) -> None:
 
     model.eval()
     t_eval = time.time()
-    final = bits_per_char(model, tokenizer, valid_texts, context=args.seq_len,
-                          stride=args.seq_len // 2, device=args.device)
-    info = {"status": "done", "steps": step, "tokens_seen": tokens_seen,
-            "epochs": round(tokens_seen / len(stream.ids), 2), "seconds": round(train_seconds),
-            "params": n_params, "train_loss_ema": round(loss_ema or float("nan"), 4),
-            "valid_fp32_weights": final, "device": args.device, "threads": args.threads,
-            "torch": torch.__version__, "args": _jsonable(vars(args)), "history": history}
+    final = bits_per_char(model, tokenizer, valid_texts, context=args.seq_len, stride=args.seq_len // 2, device=args.device)
+    info = {
+        "status": "done",
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "epochs": round(tokens_seen / len(stream.ids), 2),
+        "seconds": round(train_seconds),
+        "params": n_params,
+        "train_loss_ema": round(loss_ema or float("nan"), 4),
+        "valid_fp32_weights": final,
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "args": _jsonable(vars(args)),
+        "history": history,
+    }
     save_checkpoint(model, tokenizer, args.out, info)
-    print(f"done: {step} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min; held-out "
-          f"{final['bits_per_char']:.4f} bits/char ({final['nats_per_token']:.4f} nats/token, "
-          f"eval {time.time() - t_eval:.0f}s); saved to {args.out}", flush=True)
+    print(
+        f"done: {step} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min; held-out "
+        f"{final['bits_per_char']:.4f} bits/char ({final['nats_per_token']:.4f} nats/token, "
+        f"eval {time.time() - t_eval:.0f}s); saved to {args.out}",
+        flush=True,
+    )
 
 
 def _jsonable(d: dict) -> dict:
