@@ -76,11 +76,7 @@ class KVGeometry:
 
     @property
     def attention_kind(self) -> str:
-        if self.num_key_value_heads == self.num_heads:
-            return "MHA"
-        if self.num_key_value_heads == 1:
-            return "MQA"
-        return "GQA"
+        return attention_kind(self.num_heads, self.num_key_value_heads)
 
     @property
     def group_size(self) -> int:
@@ -135,6 +131,15 @@ class KVGeometry:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "attention": self.attention_kind}
+
+
+def attention_kind(num_heads: int, num_key_value_heads: int) -> str:
+    """MHA (one KV head per query head), MQA (one KV head for all) or GQA (groups in between)."""
+    if num_key_value_heads == num_heads:
+        return "MHA"
+    if num_key_value_heads == 1:
+        return "MQA"
+    return "GQA"
 
 
 def dtype_bytes(dtype: str) -> float:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from kvviz.memory import attention_kind
+
 
 @dataclass(frozen=True)
 class LayerStep:
@@ -106,11 +108,7 @@ class ModelInfo:
 
     @property
     def attention_kind(self) -> str:
-        if self.num_key_value_heads == self.num_heads:
-            return "MHA"
-        if self.num_key_value_heads == 1:
-            return "MQA"
-        return "GQA"
+        return attention_kind(self.num_heads, self.num_key_value_heads)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,18 @@ def current_model() -> LoadedModel:
     return get_model(st.session_state["model_name"])
 
 
+def require_model(what: str) -> LoadedModel:
+    """The session's model, or an error naming `what` could not be shown, and the page stops.
+
+    A page calls this once at the top: a model that fails to load leaves a message, never a crash."""
+    try:
+        return current_model()
+    except ModelLoadError as e:
+        st.error(f"No model loaded, so {what} cannot be shown: {e}")
+        st.stop()
+        raise  # st.stop() raises; this keeps type checkers sure the function never returns None
+
+
 def _on_model_change() -> None:
     name = (st.session_state.get("model_choice") or "").strip()
     if name == "other…":

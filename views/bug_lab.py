@@ -161,11 +161,7 @@ def bug_card(name: str) -> None:
 
 # -- the page --------------------------------------------------------------------------------------
 limits = kvviz.Limits()
-try:
-    lm = ui.current_model()
-except kvviz.ModelLoadError as e:
-    st.error(f"No model for the Bug lab: {e}")
-    st.stop()
+lm = ui.require_model("the Bug lab")
 mode, settings = sidebar(lm, limits)
 if st.session_state.lab_settings != settings:
     run_lab(lm, settings)

@@ -12,7 +12,6 @@ import streamlit as st
 from kvviz import cost, ui
 from kvviz.figures import cost as fc
 from kvviz.memory import human_bytes, kv_geometry
-from kvviz.models import ModelLoadError
 
 ui.init_state(extra={
     "cost_sweep": None,  # the last CostSweep measured in this session
@@ -26,11 +25,7 @@ st.markdown(
     "model runs over **one token** and reads the keys and values it kept. Below, both are timed on the loaded "
     "model, on this machine, as the context grows."
 )
-try:
-    lm = ui.current_model()
-except ModelLoadError as e:
-    st.error(f"No model to measure: {e}")
-    st.stop()
+lm = ui.require_model("the timings")
 
 ctx = lm.info.max_positions or 2048
 choices = cost.default_contexts(ctx, n=12, smallest=4)

@@ -6,7 +6,6 @@ import streamlit as st
 
 from kvviz import ui
 from kvviz.memory import kv_geometry
-from kvviz.models import ModelLoadError
 from kvviz.session import InputError, trace
 
 ui.init_state()
@@ -25,11 +24,7 @@ Open **Step through** to watch it row by row, or the **Bug lab** to break it on 
 """
 )
 
-try:
-    lm = ui.current_model()
-except ModelLoadError as e:
-    st.error(f"No model loaded: {e}")
-    st.stop()
+lm = ui.require_model("the model's cache geometry")
 info = lm.info
 geo = kv_geometry(lm.model.config)
 c = st.columns(5)
@@ -37,9 +32,10 @@ c[0].metric("Layers", info.num_layers)
 c[1].metric("Query heads", info.num_heads)
 c[2].metric("KV heads", f"{info.num_key_value_heads} ({info.attention_kind})")
 c[3].metric("head_dim", info.head_dim)
+elem_bytes = geo.bytes_per_token(info.dtype) // (2 * info.num_layers * info.num_key_value_heads * info.head_dim)
 c[4].metric("KV bytes / token", f"{geo.bytes_per_token(info.dtype):,}",
             help=f"2 (K and V) × {info.num_layers} layers × {info.num_key_value_heads} KV heads × "
-            f"{info.head_dim} head_dim × {geo.bytes_per_token(info.dtype) // (2 * info.num_layers * info.num_key_value_heads * info.head_dim)} bytes ({info.dtype})")
+            f"{info.head_dim} head_dim × {elem_bytes} bytes ({info.dtype})")
 
 st.subheader("Quick run")
 with st.form("quick"):

@@ -53,7 +53,8 @@ def sidebar(limits: kvviz.Limits) -> tuple[RunSettings, bool]:
         st.markdown("### Run")
         prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="step_prompt", height=96, persist_state="session",
                               help="Ctrl+Enter or click away to apply; a new prompt restarts the run.")
-        new_tokens = st.number_input("New tokens", 1, limits.max_new_tokens, min(24, limits.max_new_tokens), key="step_new_tokens",
+        most = limits.max_new_tokens  # a deployment cap may sit below the default
+        new_tokens = st.number_input("New tokens", 1, most, min(24, most), key="step_new_tokens",
                                      persist_state="session", help="Steps in the run: prefill makes the first token.")
         mode = st.segmented_control("Next token", ["greedy", "sample"], default="greedy", required=True,
                                     key="step_mode", persist_state="session")
@@ -129,11 +130,7 @@ def chart(fig, key: str, shown: dict) -> None:
 
 # -- the page -------------------------------------------------------------------------------------
 limits = kvviz.Limits()
-try:
-    lm = ui.current_model()
-except kvviz.ModelLoadError as e:
-    st.error(f"No model to step through: {e}")
-    st.stop()
+lm = ui.require_model("the step-through view")
 settings, parity = sidebar(limits)
 
 settings_error = None  # why the sidebar's settings cannot run; the previous run stays on screen
