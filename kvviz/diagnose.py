@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvviz import capture
 from kvviz.bugs import CacheBug, get_bug
 from kvviz.models import LoadedModel
 from kvviz.sampling import Sampling
@@ -103,38 +102,6 @@ class Finding:
 
 
 # -- running ---------------------------------------------------------------------------------------
-class _LogitTap:
-    """Stands in for the shared model inside one session: forwards every call unchanged and keeps
-    the last-position logits of the recorded forwards. The shared model is never modified."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self.logits: list[np.ndarray] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self._model(*args, **kwargs)
-        if capture.current_recorder() is not None:  # the session's step forward, not parity or stale fill
-            self.logits.append(out.logits[0, -1].detach().float().cpu().numpy().copy())  # (vocab,)
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-class _ForcedSession(Session):
-    """A session that feeds given tokens instead of its own choices (its choices are still recorded)."""
-
-    def __init__(self, lm: LoadedModel, prompt: str, forced_ids: list[int], **kwargs: Any) -> None:
-        super().__init__(lm, prompt, len(forced_ids), stop_at_eos=False, **kwargs)
-        self._forced = list(forced_ids)
-
-    def step(self) -> Any:
-        n = len(self.steps)
-        record = super().step()
-        self.ids[-1] = self._forced[n]  # the next input is the clean token, whatever was chosen
-        return record
-
-
 def run(
     lm: LoadedModel,
     prompt: str,
@@ -145,15 +112,14 @@ def run(
     forced_ids: list[int] | None = None,
     limits: Limits | None = None,
 ) -> Run:
-    """One recorded run (no parity recompute) that also keeps each step's full logits."""
-    tap = _LogitTap(lm.model)
-    tapped = dataclasses.replace(lm, model=tap)
-    common: dict[str, Any] = dict(bug=bug, sampling=sampling, parity=False, limits=limits)
-    if forced_ids is None:
-        session: Session = Session(tapped, prompt, steps, stop_at_eos=False, **common)
-    else:
-        session = _ForcedSession(tapped, prompt, forced_ids, **common)
-    return Run(trace=session.run(), logits=np.stack(tap.logits))
+    """One recorded run (no parity recompute) that also keeps each step's full logits.
+
+    With `forced_ids` the run is teacher-forced: it feeds those tokens (one per step) whatever it chose."""
+    n = steps if forced_ids is None else len(forced_ids)
+    session = Session(lm, prompt, n, bug=bug, sampling=sampling, parity=False, limits=limits, stop_at_eos=False,
+                      forced_ids=forced_ids, keep_logits=True)
+    trace = session.run()
+    return Run(trace=trace, logits=np.stack([s.logits for s in trace.steps]))
 
 
 # -- comparing -------------------------------------------------------------------------------------

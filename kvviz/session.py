@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,13 +125,22 @@ class Session:
         parity: bool = True,
         limits: Limits | None = None,
         stop_at_eos: bool = True,
+        forced_ids: Sequence[int] | None = None,
+        keep_logits: bool = False,
     ) -> None:
+        """`forced_ids`: feed these tokens instead of the session's own choices (teacher forcing; the
+        choices are still recorded in each Step), e.g. to run a buggy cache on a clean run's tokens.
+        `keep_logits`: keep each step's last-position logits in `Step.logits` (vocab floats per step)."""
         self.lm = lm
         self.prompt = prompt
         self.limits = limits = Limits() if limits is None else limits
         self.prompt_ids = encode_prompt(lm, prompt, limits)
         check_steps(lm, len(self.prompt_ids), max_new_tokens, limits)
         self.max_new_tokens = max_new_tokens
+        if forced_ids is not None and len(forced_ids) < max_new_tokens:
+            raise InputError(f"{len(forced_ids)} forced tokens for {max_new_tokens} steps: give one per step")
+        self.forced_ids = None if forced_ids is None else list(forced_ids)
+        self.keep_logits = keep_logits
         self.bug = get_bug(bug)
         self.sampling = sampling or Sampling()
         self.parity = parity
@@ -180,7 +190,8 @@ class Session:
             ) from e
         self.steps.append(record)
         self._trace_bytes += record.nbytes()
-        self.ids.append(record.token_id)
+        # the next input: this step's choice, or the forced token (teacher forcing)
+        self.ids.append(record.token_id if self.forced_ids is None else self.forced_ids[n])
         if len(self.steps) >= self.max_new_tokens:
             self.stopped_reason = f"reached the {self.max_new_tokens} tokens asked for"
         elif self.stop_at_eos and record.token_id in self._eos:
@@ -272,9 +283,9 @@ class Session:
             # the ids so far matter only to sampling warpers; building the tensor costs O(context) per step
             seen = torch.empty(1, 0, dtype=torch.long) if self.sampling.is_greedy else torch.tensor([self.ids], device=device)
             token_id = choose(logits, seen, self.sampling, self.generator)
-            probs = torch.softmax(logits, dim=-1)  # (vocab,)
+            logp = torch.log_softmax(logits, dim=-1)  # (vocab,)
+            probs = logp.exp()
             p, idx = probs.topk(min(self.limits.top_k, probs.shape[-1]))
-            logp = torch.log(probs.clamp_min(1e-30))
             entropy = float(-(probs * logp).sum().item())
         top_k = tuple(TokenProb(int(i), self._token_str(int(i)), float(q)) for q, i in zip(p.tolist(), idx.tolist()))
 
@@ -309,6 +320,7 @@ class Session:
             max_abs_logit_diff=max_diff,
             recompute_ms=recompute_ms,
             entropy=entropy,
+            logits=capture.to_numpy(logits) if self.keep_logits else None,
         )
 
 

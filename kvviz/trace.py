@@ -71,6 +71,7 @@ class Step:
     max_abs_logit_diff: float | None = None  # vs a full no-cache recompute; None when not run
     recompute_ms: float | None = None
     entropy: float = 0.0  # of the next-token distribution, nats
+    logits: np.ndarray | None = None  # (vocab,) last-position logits, kept only when asked (Session keep_logits)
 
     @property
     def is_prefill(self) -> bool:
@@ -83,7 +84,7 @@ class Step:
         return int((last_row > 0).any(axis=0).sum())
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.layers) + (0 if self.logits is None else self.logits.nbytes)
 
 
 @dataclass(frozen=True)
