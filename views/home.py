@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from kvviz import ui
-from kvviz.memory import kv_geometry
+from kvviz.memory import dtype_bytes, kv_geometry
 from kvviz.session import InputError, trace
 
 ui.init_state()
@@ -32,10 +32,9 @@ c[0].metric("Layers", info.num_layers)
 c[1].metric("Query heads", info.num_heads)
 c[2].metric("KV heads", f"{info.num_key_value_heads} ({info.attention_kind})")
 c[3].metric("head_dim", info.head_dim)
-elem_bytes = geo.bytes_per_token(info.dtype) // (2 * info.num_layers * info.num_key_value_heads * info.head_dim)
 c[4].metric("KV bytes / token", f"{geo.bytes_per_token(info.dtype):,}",
             help=f"2 (K and V) × {info.num_layers} layers × {info.num_key_value_heads} KV heads × "
-            f"{info.head_dim} head_dim × {elem_bytes} bytes ({info.dtype})")
+            f"{info.head_dim} head_dim × {dtype_bytes(info.dtype):g} bytes ({info.dtype})")
 
 st.subheader("Quick run")
 with st.form("quick"):

@@ -15,7 +15,7 @@ import streamlit as st
 import kvviz
 from kvviz import ui
 from kvviz.figures import step as fs
-from kvviz.memory import dtype_bytes, kv_geometry
+from kvviz.memory import dtype_bytes, human_bytes, kv_geometry
 
 DEFAULT_PROMPT = "It is a truth universally acknowledged, that"
 OVERVIEWS = ["All heads", "All layers", "Cache size"]
@@ -204,7 +204,7 @@ def viewer(lm: kvviz.LoadedModel, rope: bool) -> None:
     grew = step.cache_len - (t.steps[s - 1].cache_len if s else 0)
     m[1].metric("Cache length", step.cache_len, f"+{grew} position{'s' if grew > 1 else ''}", delta_arrow="off",
                 help="Cached positions per layer and KV head after this step.")
-    m[2].metric("Cache bytes", fs.human_bytes(bytes_per_token * step.cache_len), f"{bytes_per_token:,} B per token",
+    m[2].metric("Cache bytes", human_bytes(bytes_per_token * step.cache_len), f"{bytes_per_token:,} B per token",
                 delta_color="off", delta_arrow="off",
                 help=f"bytes per token = 2 (K and V) × {info.num_layers} layers × {info.num_key_value_heads} KV heads × "
                      f"{info.head_dim} (head_dim) × {dtype_bytes(info.dtype):g} B ({info.dtype}); × cache length.")

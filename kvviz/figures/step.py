@@ -30,6 +30,7 @@ from kvviz.figures.common import (
     show_token,
     token_labels,
 )
+from kvviz.memory import human_bytes
 from kvviz.trace import Step, TokenProb
 
 MAX_POSITIONS = 48  # rows/columns of K, V and attention heatmaps drawn at most (the newest ones)
@@ -77,15 +78,6 @@ def _figure(traces: list, title: str, height: int, shapes: Sequence[dict] = (), 
     """Data and layout validated in one go: ~4x faster than update_* calls after the fact, which
     matters because every step rebuilds every figure."""
     return go.Figure(data=traces, layout={**base_layout_dict(title, height), "shapes": list(shapes), **layout})
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as memory is allocated)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # -- the token strip ---------------------------------------------------------------------------
