@@ -7,6 +7,8 @@ The tokenizer is a small byte-level BPE trained in-process, so any text encodes.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -72,3 +74,28 @@ def tiny_model(family: str = "llama_gqa", seed: int = 0, max_positions: int = 12
             if p.dim() == 2:
                 p.mul_(3.0)
     return from_model(model, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def run_in_lockstep(workers: Sequence[Callable[[Callable[[], None]], None]], timeout: float = 120.0) -> None:
+    """Run each worker in its own thread; a worker calls the `sync()` it is given to wait until every
+    worker reaches the same point (so they really are mid-run at once). Re-raises the first error."""
+    barrier = threading.Barrier(len(workers))
+    errors: list[BaseException] = []
+
+    def sync() -> None:
+        barrier.wait(timeout=timeout)
+
+    def guarded(worker: Callable[[Callable[[], None]], None]) -> None:
+        try:
+            worker(sync)
+        except BaseException as e:  # the first error is the cause; the others are the aborted barrier
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in workers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]

@@ -18,27 +18,15 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+sys.path.insert(0, str(ROOT))  # run as a file: make `scripts.browser` importable
 
-# Rows of the K heatmap: its trace is named "K" (kvviz.figures.step.cache_matrix_figure); y holds one label per row.
-K_ROWS_JS = """() => {
-  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
-    const t = (gd.data || [])[0];
-    if (t && t.name === 'K') return t.y.length;
-  }
-  return -1;
-}"""
+from scripts.browser import CHROMIUM, IDLE, K_ROWS_JS, free_port, launch, start_app, wait_healthy  # noqa: E402
 
 # Click Next step, then poll every animation frame; resolve with [ms to K updated, ms to page idle].
 CLICK_JS = """([expectRows]) => new Promise((resolve, reject) => {
@@ -66,39 +54,8 @@ CLICK_JS = """([expectRows]) => new Promise((resolve, reject) => {
 })""".replace("__K_ROWS_JS__", K_ROWS_JS)
 
 
-def free_port(preferred: int | None = None) -> int:
-    if preferred:
-        return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 60.0) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                if r.read().strip() == b"ok":
-                    return time.perf_counter() - t0
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"streamlit did not answer at {url} within {timeout} s")
-
-
-def start_server(port: int, model: str | None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    if model:
-        env["KVVIZ_DEFAULT_MODEL"] = model
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
 def open_step_page(page, url: str) -> None:
-    """Home first, then the menu: a deep link on a cold server can run the page without app.py."""
+    """Home first, then the menu, as a visitor arrives (first load counts both)."""
     page.goto(url + "/")
     page.wait_for_selector("[data-testid='stSidebarNav'] >> text=Step through", timeout=120_000)
     page.get_by_role("link", name="Step through", exact=True).click()
@@ -111,7 +68,7 @@ def measure(url: str, clicks: int, chromium: str, screenshot: Path | None) -> di
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        browser = launch(p, chromium)
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
         # first load: a fresh browser context, home -> Step through, until the K chart is drawn
         t0 = time.perf_counter()
@@ -152,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None, help="port for the app this script starts (default: a free one)")
     ap.add_argument("--model", default=None, help="checkpoint for KVVIZ_DEFAULT_MODEL (default: bundled)")
     ap.add_argument("--clicks", type=int, default=9)
-    ap.add_argument("--chromium", default=os.environ.get("KVVIZ_CHROMIUM", "/usr/bin/chromium"))
+    ap.add_argument("--chromium", default=CHROMIUM)
     ap.add_argument("--screenshot", type=Path, default=None, help="save a PNG of the page after the clicks")
     args = ap.parse_args(argv)
 
@@ -161,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if url is None:
             port = free_port(args.port)
-            server = start_server(port, args.model)
+            server = start_app(port, args.model)
             url = f"http://127.0.0.1:{port}"
-            startup_s = wait_healthy(url)
+            startup_s = wait_healthy(url, server)
         else:
             startup_s = None
         result = measure(url.rstrip("/"), args.clicks, args.chromium, args.screenshot)

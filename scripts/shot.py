@@ -6,11 +6,12 @@ Waits until Streamlit has finished running the script, then captures the full pa
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `scripts.browser` importable
+from scripts.browser import IDLE, launch
 
 
 def main() -> None:
@@ -18,10 +19,10 @@ def main() -> None:
     width = int(sys.argv[3]) if len(sys.argv) > 3 else 1400
     height = int(sys.argv[4]) if len(sys.argv) > 4 else 900
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(url)
-        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=120_000)
+        page.wait_for_selector(IDLE, timeout=120_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=out, full_page=True)
         browser.close()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kvviz.testing import tiny_model
+from scripts.browser import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("KVVIZ_CHROMIUM", "/usr/bin/chromium")
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import torch
 
 import kvviz
 from kvviz.sampling import Sampling
-from kvviz.testing import FAMILIES, tiny_model
+from kvviz.testing import FAMILIES, run_in_lockstep, tiny_model
 
 PROMPT = "It is a truth universally acknowledged, that"
 
@@ -126,20 +126,15 @@ def test_interleaved_sessions_in_threads_equal_sessions_alone(tiny_llama):
     ]
     alone = [kvviz.trace(tiny_llama, p, 8, sampling=s) for p, s in configs]
     results: dict[int, kvviz.Trace] = {}
-    barrier = threading.Barrier(len(configs))
 
-    def work(i: int) -> None:
+    def work(i: int, sync) -> None:
         sess = kvviz.Session(tiny_llama, configs[i][0], 8, sampling=configs[i][1])
         while not sess.done:
-            barrier.wait(timeout=30)  # lock-step: every thread is mid-run at the same time
+            sync()  # lock-step: every thread is mid-run at the same time
             sess.step()
         results[i] = sess.trace()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(configs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_in_lockstep([functools.partial(work, i) for i in range(len(configs))], timeout=30)
     for i, ref in enumerate(alone):
         got = results[i]
         assert got.generated_ids == ref.generated_ids

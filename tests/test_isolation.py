@@ -8,8 +8,9 @@ Two levels, both compared against the same sessions run one after another:
 
 from __future__ import annotations
 
+import functools
 import threading
-import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from streamlit.testing.v1 import AppTest, app_test
 import kvviz
 from kvviz.bugs import REGISTRY
 from kvviz.sampling import Sampling
+from kvviz.testing import run_in_lockstep
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -74,28 +76,17 @@ def test_six_api_sessions_in_threads_equal_the_same_sessions_run_one_after_anoth
     configs = api_configs()
     alone = [run_alone(tiny_llama, cfg, steps) for cfg in configs]
     results: dict[int, kvviz.Trace] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(configs))
 
-    def work(i: int) -> None:
-        try:
-            cfg = configs[i]
-            sess = kvviz.Session(tiny_llama, cfg["prompt"], steps, sampling=cfg["sampling"], bug=cfg["bug"],
-                                 parity=cfg["parity"], stop_at_eos=False)
-            while not sess.done:
-                barrier.wait(timeout=60)  # lock-step: every session is mid-forward at the same time
-                sess.step()
-            results[i] = sess.trace()
-        except BaseException as e:
-            errors.append(e)
-            barrier.abort()
+    def work(i: int, sync: Callable[[], None]) -> None:
+        cfg = configs[i]
+        sess = kvviz.Session(tiny_llama, cfg["prompt"], steps, sampling=cfg["sampling"], bug=cfg["bug"],
+                             parity=cfg["parity"], stop_at_eos=False)
+        while not sess.done:
+            sync()  # lock-step: every session is mid-forward at the same time
+            sess.step()
+        results[i] = sess.trace()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(configs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_in_lockstep([functools.partial(work, i) for i in range(len(configs))], timeout=60)
     for i, ref in enumerate(alone):
         assert_same_run(results[i], ref)
 
@@ -206,27 +197,16 @@ def test_four_app_sessions_in_threads_equal_the_same_sessions_one_after_another(
         sequential.append(shown(at))
 
     apps: dict[int, AppTest] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(APP_SESSIONS))
 
-    def work(i: int) -> None:
+    def work(i: int, sync: Callable[[], None]) -> None:
         prompt, sampling, clicks = APP_SESSIONS[i]
-        try:
-            apps[i] = open_step_page(model_dir, prompt, sampling)
-            for k in range(max(c for _, _, c in APP_SESSIONS)):
-                barrier.wait(timeout=120)  # every session clicks in the same round
-                if k < clicks:
-                    click_next(apps[i])
-        except BaseException as e:
-            errors.append(e)
-            barrier.abort()
+        apps[i] = open_step_page(model_dir, prompt, sampling)
+        for k in range(max(c for _, _, c in APP_SESSIONS)):
+            sync()  # every session clicks in the same round
+            if k < clicks:
+                click_next(apps[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(APP_SESSIONS))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, "".join(traceback.format_exception(errors[0]))
+    run_in_lockstep([functools.partial(work, i) for i in range(len(APP_SESSIONS))])
 
     concurrent = [shown(apps[i]) for i in range(len(APP_SESSIONS))]
     models = {id(c["session"].lm) for c in concurrent + sequential}

@@ -1,0 +1,1 @@
+"""Developer scripts (benchmarks, screenshots) and the browser helpers they share with tests."""
