@@ -282,7 +282,7 @@ def viewer(lm: kvviz.LoadedModel, rope: bool) -> None:
             st.caption("Every step adds one row per layer and KV head: the cache grows linearly with the tokens.")
 
     with st.expander("Export"):
-        st.download_button("Trace (JSON, summary)", t.to_json(), file_name="kvviz-trace.json", mime="application/json",
+        st.download_button("Trace (JSON, summary)", lambda: t.to_json(), file_name="kvviz-trace.json", mime="application/json",
                            on_click="ignore", icon=":material/download:")
         st.download_button("Trace with all arrays (JSON)", lambda: t.to_json(arrays=True),
                            file_name="kvviz-trace-arrays.json", mime="application/json", on_click="ignore",
