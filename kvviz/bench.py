@@ -24,15 +24,15 @@ import gc
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from kvviz.memory import kv_geometry
-from kvviz.models import LoadedModel, from_model
-from kvviz.session import Limits, Session
+from kvviz.engine.models import LoadedModel, from_model
+from kvviz.engine.session import Limits, Session
+from kvviz.engine.timing import timed
+from kvviz.geometry import kv_geometry
 
 # Opening of Pride and Prejudice (public domain): plain English any tokenizer encodes, repeated
 # to reach long contexts. The content does not change the timings; its length does.
@@ -115,20 +115,6 @@ def plain_twin(lm: LoadedModel) -> Any:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(milliseconds, result) of one call, synchronised on accelerators."""
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3, out
-
-
 def prompt_of_length(tokenizer: Any, n_tokens: int) -> str:
     """The longest prefix of the repeated TEXT that encodes to at most `n_tokens` tokens.
 
@@ -148,7 +134,7 @@ def prompt_of_length(tokenizer: Any, n_tokens: int) -> str:
 
 def default_contexts(lm: LoadedModel, steps_per_context: int) -> list[int]:
     """16, 64, 256, 1024 where they fit in the model's context, plus the largest that fits."""
-    room = (lm.info.max_positions or 2048) - steps_per_context - 1
+    room = lm.info.context_length - steps_per_context - 1
     contexts = [c for c in DEFAULT_CONTEXTS if c <= room]
     if room < DEFAULT_CONTEXTS[-1] and (not contexts or room > 1.5 * contexts[-1]):
         contexts.append(room)
@@ -237,7 +223,7 @@ def run_bench(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     steps_per_context = warmup + repeats + 1
     ctx_list = list(contexts) if contexts else default_contexts(lm, steps_per_context)
-    limit = (lm.info.max_positions or 2048) - steps_per_context - 1
+    limit = lm.info.context_length - steps_per_context - 1
     bad = [c for c in ctx_list if not 2 <= c <= limit]
     if bad:
         raise ValueError(

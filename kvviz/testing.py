@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from kvviz.models import LoadedModel, from_model
+from kvviz.engine.models import LoadedModel, from_model
 
 _CORPUS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
@@ -99,3 +100,27 @@ def run_in_lockstep(workers: Sequence[Callable[[Callable[[], None]], None]], tim
         th.join()
     if errors:
         raise errors[0]
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """`python -m kvviz ARGS` in this process (`cli.main`, stdout and stderr captured): the same
+    code path as the command without the 5-10 s of a fresh interpreter importing torch."""
+    import contextlib
+    import io
+
+    from kvviz.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own usage errors
+            code = int(e.code or 0)
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -8,8 +8,6 @@ the command line (non-zero exit, one line on stderr, no traceback).
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +17,16 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import kvviz
-from kvviz import cli, models
-from kvviz.session import Limits, RunAborted
+from kvviz import cli
+from kvviz.engine import models
+from kvviz.engine.session import Limits, RunAborted
+from kvviz.geometry import human_bytes
+from kvviz.testing import run_cli
+from kvviz.variants.bugs import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-STEP_PAGE = str(ROOT / "views" / "step_through.py")
+STEP_PAGE = str(ROOT / "pages" / "step_through.py")
 PROMPT = "It is a truth universally acknowledged, that"
 HUB_ID = "kvviz-tests/no-such-model-7f3a"  # a hub id that does not exist, online or off
 
@@ -45,8 +47,6 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
     assert lines[0].startswith("kvviz: error:") and needle in lines[0], lines[0]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvviz", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def step_page(model_dir: Path, prompt: str = PROMPT) -> AppTest:
@@ -193,12 +193,12 @@ def test_pages_respect_a_small_new_token_cap(tiny_checkpoint, monkeypatch, page,
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["model_name"] = str(tiny_checkpoint)
     at.run()
-    at.switch_page(str(ROOT / "views" / page)).run()
+    at.switch_page(str(ROOT / "pages" / page)).run()
     assert not at.exception, at.exception
     assert at.number_input(key=key).max == 4
 
 
-PAGE_FILES = sorted(path.name for path in (ROOT / "views").glob("*.py"))
+PAGE_FILES = sorted(path.name for path in (ROOT / "pages").glob("*.py"))
 
 
 @pytest.mark.parametrize("page", PAGE_FILES)
@@ -208,7 +208,7 @@ def test_every_page_answers_a_first_model_that_cannot_load_with_a_message(page):
     at.session_state["model_name"] = "/no/such/checkpoint"
     at.run()
     if page != "home.py":
-        at.switch_page(str(ROOT / "views" / page)).run()
+        at.switch_page(str(ROOT / "pages" / page)).run()
     assert not at.exception, at.exception
     assert any("no model directory" in e for e in errors(at))  # at least the sidebar says why
 
@@ -247,7 +247,7 @@ def test_hub_id_while_offline_fails_fast(tiny_checkpoint, capsys, monkeypatch):
     assert "offline, or no such model" in load_in_sidebar(at, HUB_ID)
     still_generates(at, tiny_checkpoint)
 
-    out = run_cli("trace", "--model", HUB_ID, "--prompt", PROMPT)  # the real entry point, as a user runs it
+    out = run_cli("trace", "--model", HUB_ID, "--prompt", PROMPT)
     assert_one_line_error(out.returncode, out.stderr, "offline, or no such model")
 
 
@@ -276,7 +276,7 @@ def test_model_too_large_is_refused_before_loading_with_the_estimate(tiny_checkp
 
     with pytest.raises(kvviz.ModelLoadError) as err:
         models.check_fits("big", config, torch.float32, torch.device("cpu"), available=need)  # 70% rule: too little
-    estimate = kvviz.memory.human_bytes(need)
+    estimate = human_bytes(need)
     assert f"needs about {estimate}" in str(err.value) and "pick a smaller model" in str(err.value)
     assert models.check_fits("ok", config, torch.float32, torch.device("cpu"), available=2 * need) == need
 
@@ -307,7 +307,7 @@ def test_unknown_bug_name(tiny_checkpoint, tiny_llama):
     """The app offers bugs only from the registry (a select box); API and CLI name the valid ones."""
     with pytest.raises(ValueError, match="unknown bug 'nope'; choose one of: none, ") as err:
         kvviz.Session(tiny_llama, PROMPT, 3, bug="nope")
-    for name in kvviz.bugs.REGISTRY:
+    for name in REGISTRY:
         assert name in str(err.value)
 
     out = run_cli("trace", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--bug", "nope")

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from kvviz import bench, cli
-from kvviz.models import from_model
+from kvviz import cli
+from kvviz import bench
+from kvviz.engine.models import from_model
 from kvviz.testing import tiny_tokenizer
 
 CONTEXTS = [8, 24, 40]

@@ -1,28 +1,31 @@
-"""The one real-browser test: `streamlit run app.py`, Debian chromium, click Next step three times.
+"""Real-browser tests: `streamlit run app.py` driven in Debian chromium.
 
 What AppTest cannot see: the page renders in a browser, the Next step button reaches the server,
-and the K heatmap drawn by Plotly in the DOM gains one row per click. Skipped locally without
-chromium (the `chromium` fixture); CI installs it and runs this.
+the K heatmap drawn by Plotly in the DOM gains one row per click, and a deep link works as the
+first request of a fresh server (Streamlit's legacy `pages/` mode, see `kvviz/ui/kit.py`).
+Skipped locally without chromium (the `chromium` fixture); CI installs it and runs these.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from kvviz.ui.kit import PAGES
 from scripts.browser import IDLE, K_ROWS_JS, free_port, launch, start_app, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("KVVIZ_ARTIFACTS", ROOT / "artifacts"))  # gitignored; CI can upload it
 
 
-@pytest.fixture
-def app_url(tmp_path):
-    """`streamlit run app.py` on a free port (bundled model), stopped after the test."""
+@contextmanager
+def fresh_server(log_path: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free port (bundled model), stopped on exit."""
     port = free_port()
-    log_path = tmp_path / "streamlit.log"
     with log_path.open("w") as log:
         proc = start_app(port, log=log)
         url = f"http://127.0.0.1:{port}"
@@ -35,6 +38,12 @@ def app_url(tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    with fresh_server(tmp_path / "streamlit.log") as url:
+        yield url
 
 
 def test_next_step_three_times_grows_k_by_three_rows(chromium, app_url):
@@ -65,5 +74,47 @@ def test_next_step_three_times_grows_k_by_three_rows(chromium, app_url):
             assert sidebar.get_by_text("Model", exact=True).count() and sidebar.get_by_text("Run", exact=True).count()
             assert not page.locator("[data-testid='stException']").count()
             assert not errors, errors
+        finally:
+            browser.close()
+
+
+# the heading each page shows when it rendered (st.title)
+HEADINGS = {"home": "kvviz — watch the KV cache", "step_through": "Step through", "bug_lab": "Bug lab",
+            "cost": "Cache vs recompute", "memory": "Memory per token", "paged": "Paged & shared-prefix caches"}
+
+
+def test_every_page_deep_linked_as_the_first_request_of_a_fresh_server(chromium, tmp_path):
+    """Guards the pages/ trap: a deep link on a fresh server runs the page without app.py.
+
+    Each page must still show its content, the shared model sidebar and the real menu (every
+    title of kit.PAGES), and on the step page the first click after the deep link must count.
+    """
+    from playwright.sync_api import sync_playwright
+
+    titles = [title for _file, title, _icon in PAGES]
+    assert sorted(HEADINGS) == sorted(Path(f).stem for f, _t, _i in PAGES)
+    with sync_playwright() as p:
+        browser = launch(p, chromium)
+        try:
+            for stem, heading in HEADINGS.items():
+                with fresh_server(tmp_path / f"{stem}.log") as url:
+                    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                    page.goto(f"{url}/{'' if stem == 'home' else stem}")
+                    page.get_by_role("heading", name=heading).wait_for(timeout=120_000)
+                    page.wait_for_selector(IDLE, timeout=120_000)
+                    sidebar = page.locator("[data-testid='stSidebar']")
+                    assert sidebar.get_by_text("Model", exact=True).count(), f"{stem}: no shared sidebar"
+                    menu = page.locator("[data-testid='stSidebarNav']").inner_text()
+                    assert all(t in menu for t in titles), f"{stem}: menu {menu!r}"
+                    if stem == "step_through":  # the first click after the deep link is not lost
+                        page.wait_for_function(f"({K_ROWS_JS})() > 0", timeout=60_000)
+                        rows = page.evaluate(K_ROWS_JS)
+                        page.get_by_role("button", name="Next step").click()
+                        page.wait_for_function(f"({K_ROWS_JS})() === {rows + 1}", timeout=60_000)
+                    assert not page.locator("[data-testid='stException']").count(), stem
+                    assert not errors, (stem, errors)
+                    page.close()
         finally:
             browser.close()

@@ -23,7 +23,7 @@ from kvviz.figures.common import CACHED_COLOR, DIFF_SCALE, HIGHLIGHT, WEIGHT_SCA
 
 CLEAN_COLOR = CACHED_COLOR
 BUGGY_COLOR = HIGHLIGHT
-# one colour per K/V slot status, in the order of kvviz.diagnose.STATUS_NAMES
+# one colour per K/V slot status, in the order of kvviz.variants.diagnose.STATUS_NAMES
 STATUS_NAMES = ("same", "wrong", "shifted", "missing", "extra")
 STATUS_COLORS = ("#c7ccd6", "#d62728", "#ff9f1c", "#4b4f58", "#9467bd")
 MAX_SLOTS = 96  # slots drawn at most in the status heatmap (the newest ones)

@@ -51,13 +51,3 @@ def base_layout_dict(title: str | None = None, height: int = 360) -> dict:
         font=FONT,
         hoverlabel=dict(font_size=12),
     )
-
-
-def highlight_row(fig: go.Figure, row: int, n_cols: int, row_offset: int = 0, **kwargs: object) -> go.Figure:
-    """Outline one heatmap row (index space: x from -0.5 to n_cols - 0.5)."""
-    y = row + row_offset
-    fig.add_shape(
-        type="rect", x0=-0.5, x1=n_cols - 0.5, y0=y - 0.5, y1=y + 0.5,
-        line=dict(color=HIGHLIGHT, width=2), fillcolor="rgba(0,0,0,0)", **kwargs,
-    )
-    return fig

@@ -1,7 +1,7 @@
 """Views of the cache-vs-recompute page: measured step times with their spread, FLOPs per step,
 prefill vs decode throughput, and the bytes one decode step must move.
 
-Pure builders: kvviz.cost records in, `go.Figure` out (no torch, no Streamlit).
+Pure builders: kvviz.economics.cost records in, `go.Figure` out (no torch, no Streamlit).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 from kvviz.figures.common import CACHED_COLOR, RECOMPUTE_COLOR, base_layout
 
 if TYPE_CHECKING:
-    from kvviz.cost import CostSweep, Throughput
+    from kvviz.economics.cost import CostSweep, Throughput
 
 WEIGHTS_COLOR = "#8c9bb5"  # the weights' share of memory traffic
 

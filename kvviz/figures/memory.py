@@ -1,7 +1,7 @@
 """Views of the memory page: KV cache (+ weights) vs context against a GPU, and the same model as
 MHA / GQA / MQA in every cache dtype.
 
-Pure builders: `kvviz.memory.KVGeometry` in, `go.Figure` out (no torch, no Streamlit).
+Pure builders: `kvviz.economics.memory.KVGeometry` in, `go.Figure` out (no torch, no Streamlit).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 
 from kvviz.figures.common import HIGHLIGHT, base_layout
-from kvviz.memory import CACHE_DTYPES, KVGeometry
+from kvviz.geometry import CACHE_DTYPES, KVGeometry
 
 GiB = 2**30
 WEIGHTS_FILL = "rgba(140,155,181,0.35)"

@@ -1,7 +1,7 @@
 """Views of the paged-cache page: memory over time, where the memory goes, and the animated
 block table (which request owns which block, which blocks are shared).
 
-Pure builders: `kvviz.paged.SimResult` in, `go.Figure` out (no torch, no Streamlit). The block
+Pure builders: `kvviz.economics.paged.SimResult` in, `go.Figure` out (no torch, no Streamlit). The block
 table is a Plotly heatmap animated with frames, a slider and a play button.
 """
 
@@ -15,8 +15,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from kvviz.economics.paged import STRATEGIES, Cell, SimResult
 from kvviz.figures.common import base_layout
-from kvviz.paged import STRATEGIES, Cell, SimResult
 
 STRATEGY_COLORS = {"contiguous": "#d62728", "paged": "#1f77b4", "prefix": "#2ca02c"}
 CACHED = "#9e9e9e"  # unreferenced prefix block kept for reuse

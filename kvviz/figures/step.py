@@ -10,7 +10,8 @@ What a step shows (transformers' vocabulary, batch dropped):
 - the next-token distribution (top-k) with the chosen token.
 
 Matrix views draw at most `MAX_POSITIONS` positions, the newest ones, and say so in their title:
-Chromium needs about 1 s to draw a 256x256 heatmap (NOTES.md), and a step must redraw in < 300 ms.
+Chromium took about 1 s to draw one 256x256 heatmap on our 2-core machines (measured with
+`scripts/browser_bench.py`), and a step must redraw in a few hundred milliseconds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from kvviz.engine.trace import Step, TokenProb
 from kvviz.figures.common import (
     CACHED_COLOR,
     HIGHLIGHT,
@@ -30,8 +32,7 @@ from kvviz.figures.common import (
     show_token,
     token_labels,
 )
-from kvviz.memory import human_bytes
-from kvviz.trace import Step, TokenProb
+from kvviz.geometry import human_bytes
 
 MAX_POSITIONS = 48  # rows/columns of K, V and attention heatmaps drawn at most (the newest ones)
 MAX_BARS = 256  # positions in the one-row overviews (heads, layers) at most

@@ -1,0 +1,29 @@
+"""The public entry points that take a cache variant by name ("stale_cache").
+
+The engine knows only the variant interface (`kvviz.engine.variant`); names are looked up in the
+catalogue (`kvviz.variants`) here, at the top, so the engine never imports the catalogue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvviz.engine import session as engine
+from kvviz.engine.models import LoadedModel
+from kvviz.engine.trace import Trace
+from kvviz.engine.variant import CacheVariant
+from kvviz.variants.bugs import get_bug
+
+
+class Session(engine.Session):
+    """`kvviz.engine.session.Session` whose `bug` may also be a catalogue name (or "none")."""
+
+    def __init__(self, lm: LoadedModel, prompt: str, max_new_tokens: int = 16, *,
+                 bug: str | CacheVariant | None = None, **kwargs: Any) -> None:
+        super().__init__(lm, prompt, max_new_tokens, bug=get_bug(bug), **kwargs)
+
+
+def trace(lm: LoadedModel, prompt: str, steps: int = 16, *, bug: str | CacheVariant | None = None,
+          **kwargs: Any) -> Trace:
+    """Run prefill + decode for `steps` new tokens and return the whole recorded Trace."""
+    return Session(lm, prompt, steps, bug=bug, **kwargs).run()

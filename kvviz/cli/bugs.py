@@ -1,0 +1,93 @@
+"""`python -m kvviz bugs` and `python -m kvviz diagnose`: the bug catalogue and the clean-vs-buggy check.
+
+    python -m kvviz bugs [--json]
+    python -m kvviz diagnose --bug NAME [--model M] [--prompt TEXT] [--steps N] [--layers L ...]
+                             [--start-step S] [sampling options] [--json]
+
+An unknown bug name or an out-of-range layer ends in one line on stderr and exit code 2
+(`cli.main` turns the ValueError into that line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from typing import Any
+
+from kvviz.cli.common import DEFAULT_PROMPT, CLIError, add_model, add_sampling, emit, load, sampling_from_args
+
+
+def format_catalogue(entries: list[dict[str, Any]]) -> str:
+    lines = []
+    for e in entries:
+        tag = "  [trade-off, not a bug]" if e["kind"] == "tradeoff" else ""
+        lines.append(f"{e['name']}: {e['title']}{tag}")
+        for label in ("description", "symptom", "source"):
+            wrapped = textwrap.wrap(e[label], width=96, initial_indent=f"    {label}: ", subsequent_indent="      ")
+            lines.extend(wrapped)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def cmd_bugs(args: argparse.Namespace) -> int:
+    from kvviz.variants.bugs import catalogue
+
+    entries = catalogue()
+    emit(args, entries, format_catalogue(entries))  # type: ignore[arg-type]
+    return 0
+
+
+def format_diagnosis(d: dict[str, Any]) -> str:
+    scope = "all layers" if d["layers"] is None else f"layers {d['layers']}"
+    lines = [
+        f"bug {d['bug']} ({d['title']}) on {d['model']}, {scope}, from step {d['start_step']}",
+        f"detected: {d['detected']}   first divergence step: {d['first_divergence_step']}   "
+        f"first divergent layer: {d['first_divergent_layer']}   first different token: {d['first_divergent_token_step']}",
+        "",
+        f"{'step':>4}  {'clean':<14} {'buggy':<14} {'|Δlogit|':>9} {'KL':>9}  {'cache clean/buggy':>17}  "
+        "rows wrong/shifted/missing/extra",
+    ]
+    for s in d["steps"]:
+        r = s["kv_rows"]
+        lines.append(
+            f"{s['step']:>4}  {s['clean_token']!r:<14} {s['buggy_token']!r:<14} {s['max_abs_logit_diff']:>9.2e} "
+            f"{s['kl']:>9.2e}  {s['clean_cache_len']:>8}/{s['buggy_cache_len']:<8}  "
+            f"{r['wrong']}/{r['shifted']}/{r['missing']}/{r['extra']}"
+        )
+    lines += ["", *textwrap.wrap(d["diagnosis"], width=100), "",
+              f"clean: {d['clean_text']!r}", f"buggy: {d['buggy_text']!r}"]
+    return "\n".join(lines)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from kvviz.variants.bugs import get_bug
+    from kvviz.variants.diagnose import diagnose
+
+    get_bug(args.bug)  # an unknown name fails here, before a model is loaded
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty: pass --prompt with some text")
+    lm = load(args)
+    d = diagnose(lm, args.bug, args.prompt, args.steps, layers=args.layers, start_step=args.start_step,
+                 sampling=sampling_from_args(args)).to_dict()
+    emit(args, d, format_diagnosis(d))
+    return 0
+
+
+def register(sub: Any) -> None:
+    from kvviz.variants.diagnose import DEFAULT_STEPS
+
+    p = sub.add_parser("bugs", help="the catalogue of injectable KV-cache bugs")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the entries")
+    p.set_defaults(func=cmd_bugs)
+
+    p = sub.add_parser("diagnose", help="run clean and buggy side by side and say where they part")
+    p.add_argument("--bug", required=True, help="a catalogue name (see `kvviz bugs`), or 'none' for the correct cache")
+    add_model(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="new tokens (prefill is step 0)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="inject only in these layers (default: all)")
+    p.add_argument("--start-step", type=int, default=0, help="inject from this step on (0 = from prefill)")
+    add_sampling(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default=None, help="also write the output to this file")
+    p.set_defaults(func=cmd_diagnose)

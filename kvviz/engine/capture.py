@@ -1,0 +1,200 @@
+"""The registered attention function that records q', K, V and the attention weights.
+
+transformers 5 lets a model's attention be swapped by name (`AttentionInterface`): every layer
+calls `fn(module, query, key, value, attention_mask, scaling=..., **kwargs)` with
+- query (batch, num_heads, q_len, head_dim), post-RoPE: this step's q',
+- key/value (batch, num_key_value_heads, kv_len, head_dim): the whole cache after this step's
+  update, new rows last, GQA heads not yet repeated.
+kvviz registers one such function, "kvviz", together with the matching mask function: without a
+registered mask the model builds no mask for an unknown name and prefill is silently not causal.
+
+Recording is per call, never global: the session sets a `StepRecorder` in a `ContextVar` for the
+duration of one forward. Two browser sessions stepping on one shared model run in different
+threads (different contexts) and each sees only its own recorder. With no recorder set the
+function is plain SDPA, so the same model object serves recompute and benchmarks unrecorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+if TYPE_CHECKING:
+    from kvviz.engine.variant import CacheVariant
+
+ATTN_IMPLEMENTATION = "kvviz"
+
+
+def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
+    """Detach to a float32 CPU array: a copy by default, since the cache may be mutated in place
+    later; `copy=False` for tensors made inside this step's attention, which nothing else writes."""
+    a = t.detach().to("cpu", torch.float32).numpy()
+    return a.copy() if copy else a
+
+
+@dataclass
+class StepRecorder:
+    """Collects one forward's captures, layer by layer. Lives for one step of one session."""
+
+    step: int
+    bug: CacheVariant | None = None
+    keep_attended: bool = False  # also copy the K/V actually attended (needed when a bug rewrites history)
+    new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def record_new_kv(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # (batch, num_key_value_heads, q_len, head_dim) -> (num_key_value_heads, q_len, head_dim)
+        self.new_kv[layer_idx] = (to_numpy(key_states[0]), to_numpy(value_states[0]))
+
+    def record_attention(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        scores: torch.Tensor,
+        weights: torch.Tensor,
+        kv_head_of: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> None:
+        scores_np = to_numpy(scores[0], copy=False)  # (num_heads, q_len, kv_len)
+        # the mask adds dtype-min, not -inf; store masked entries as -inf so they read as "not visible"
+        scores_np[scores_np < -1e30] = -np.inf
+        rec = {
+            "query_states": to_numpy(query[0], copy=False),  # (num_heads, q_len, head_dim)
+            "scores": scores_np,
+            "weights": to_numpy(weights[0], copy=False),  # (num_heads, q_len, kv_len)
+            "kv_head_of": kv_head_of.detach().cpu().numpy().astype(np.int64),
+        }
+        if self.keep_attended:
+            rec["attended_keys"] = to_numpy(key[0])  # (num_key_value_heads, kv_len, head_dim)
+            rec["attended_values"] = to_numpy(value[0])
+        self.attention[layer_idx] = rec
+
+
+_RECORDER: ContextVar[StepRecorder | None] = ContextVar("kvviz_recorder", default=None)
+
+
+def current_recorder() -> StepRecorder | None:
+    return _RECORDER.get()
+
+
+@contextmanager
+def recording(recorder: StepRecorder) -> Iterator[StepRecorder]:
+    """Make `recorder` the target of captures for the forwards run inside the block."""
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def default_kv_head_of(num_heads: int, num_key_value_heads: int, device: Any = None) -> torch.Tensor:
+    """Query head h reads KV head h // group (transformers' `repeat_kv` layout): (num_heads,).
+
+    Built once per shape and device (every layer of every step asks); treat it as read-only."""
+    return _default_kv_head_of(num_heads, num_key_value_heads, device)
+
+
+@lru_cache(maxsize=64)
+def _default_kv_head_of(num_heads: int, num_key_value_heads: int, device: Any) -> torch.Tensor:
+    group = num_heads // num_key_value_heads
+    with torch.inference_mode(False):  # a normal tensor, usable whether or not the first caller was in inference mode
+        return torch.arange(num_heads, device=device) // group
+
+
+def fit_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """Make a (batch, 1, q, kv') additive mask fit kv_len keys.
+
+    The mask is sized from the cache's announced length (`get_mask_sizes`); a bugged cache may
+    return more or fewer rows than it announced. Extra keys are older rows (left-padded as
+    visible); fewer keys keep the newest columns. A correct cache never needs this.
+    """
+    if mask is None:
+        return None
+    mask = mask[..., -q_len:, :]
+    have = mask.shape[-1]
+    if have == kv_len:
+        return mask
+    if have > kv_len:
+        return mask[..., -kv_len:]
+    pad = torch.zeros(*mask.shape[:-1], kv_len - have, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def kvviz_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eager attention that records what it sees. Returns (output (batch, q_len, num_heads, head_dim), weights)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    attention_mask = fit_mask(attention_mask, q_len, kv_len)
+    recorder = _RECORDER.get()
+    if recorder is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    num_heads, num_kv = query.shape[1], key.shape[1]
+    layer_idx = int(getattr(module, "layer_idx", 0) or 0)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    bug = recorder.bug
+    bug_on = bug is not None and bug.active(layer_idx, recorder.step)
+
+    kv_head_of = default_kv_head_of(num_heads, num_kv, query.device)  # (num_heads,)
+    if bug_on:
+        kv_head_of = bug.kv_head_of(kv_head_of, num_kv, layer_idx, recorder.step)
+        attention_mask = bug.mask(attention_mask, q_len, layer_idx, recorder.step)
+    batch, group = query.shape[0], num_heads // num_kv
+    # The standard sharing (query head h reads KV head h // group) folds the heads of a group into
+    # the query rows of their KV head: the same products as repeating K/V per head (transformers'
+    # repeat_kv) without copying the whole cache in every layer at every step, which cost several
+    # times the attention itself. A bug that remaps heads takes the general gather path.
+    folded = not bug_on or torch.equal(kv_head_of, default_kv_head_of(num_heads, num_kv, query.device))
+    if folded:
+        query_folded = query.reshape(batch, num_kv, group * q_len, query.shape[-1])  # (batch, num_kv, group*q_len, head_dim)
+        scores = torch.matmul(query_folded, key.transpose(-1, -2)).view(batch, num_heads, q_len, kv_len) * scaling
+    else:
+        key_per_head = key[:, kv_head_of]  # (batch, num_heads, kv_len, head_dim)
+        scores = torch.matmul(query, key_per_head.transpose(-1, -2)) * scaling  # (batch, num_heads, q_len, kv_len)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    # softmax in float32 as eager attention does: keeps half-precision caches comparable
+    if scores.dtype == torch.float32:  # (the casts cost a few microseconds per layer even when they do nothing)
+        weights = torch.softmax(scores, dim=-1)  # (batch, num_heads, q_len, kv_len)
+    else:
+        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if folded:
+        weights_folded = weights.reshape(batch, num_kv, group * q_len, kv_len)
+        output = torch.matmul(weights_folded, value).view(batch, num_heads, q_len, value.shape[-1])  # (b, nh, q_len, hd)
+    else:
+        output = torch.matmul(weights, value[:, kv_head_of])  # (batch, num_heads, q_len, head_dim)
+    output = output.transpose(1, 2).contiguous()  # (batch, q_len, num_heads, head_dim)
+
+    recorder.record_attention(layer_idx, query, scores, weights, kv_head_of, key, value)
+    return output, weights
+
+
+def register() -> None:
+    """Register the attention and mask functions under "kvviz" (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvviz_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+register()

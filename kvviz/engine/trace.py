@@ -1,0 +1,221 @@
+"""The data model of a kvviz run: frozen records of CPU numpy arrays.
+
+A run is prefill (step 0: the whole prompt in one forward) followed by one decode step per
+generated token. Each `Step` keeps only what that step *added*: the new query/key/value rows and
+the new rows of the attention matrix. The K and V a query saw at step t are a prefix of the final
+cache (for a correct cache), so `Trace.keys(layer, step)` rebuilds them by concatenation instead
+of storing a copy per step: memory grows with the context, not with context x steps.
+
+Vocabulary follows transformers' `cache_utils.py`: tensors are (num_heads | num_key_value_heads,
+seq_len, head_dim), batch size 1 dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvviz.geometry import KVGeometry
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """What one attention layer did in one step (q_len = prompt length at prefill, else 1)."""
+
+    layer_idx: int
+    query_states: np.ndarray  # (num_heads, q_len, head_dim) post-RoPE q'
+    key_states: np.ndarray  # (num_key_value_heads, q_len, head_dim) new k' rows, appended this step
+    value_states: np.ndarray  # (num_key_value_heads, q_len, head_dim) new v' rows
+    scores: np.ndarray  # (num_heads, q_len, kv_len) scaled q'.K^T + mask, before softmax
+    weights: np.ndarray  # (num_heads, q_len, kv_len) softmax(scores); each row sums to 1
+    kv_head_of: np.ndarray  # (num_heads,) which KV head each query head read (GQA/MQA sharing)
+    # What the query actually attended over, kept only when the cache may rewrite history
+    # (an injected bug); for a correct cache it is a prefix of the final cache and not stored.
+    attended_keys: np.ndarray | None = None  # (num_key_value_heads, kv_len, head_dim)
+    attended_values: np.ndarray | None = None  # (num_key_value_heads, kv_len, head_dim)
+
+    @property
+    def kv_len(self) -> int:
+        return int(self.weights.shape[-1])
+
+    def nbytes(self) -> int:
+        arrays = [self.query_states, self.key_states, self.value_states, self.scores, self.weights,
+                  self.kv_head_of, self.attended_keys, self.attended_values]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    token_id: int
+    token: str
+    prob: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass: step 0 is prefill over the prompt, step t > 0 feeds generated token t."""
+
+    step: int
+    input_ids: tuple[int, ...]  # tokens fed in this step (the prompt at prefill)
+    positions: tuple[int, ...]  # position ids used for them (RoPE / learned positions)
+    layers: tuple[LayerStep, ...]
+    token_id: int  # the token chosen from this step's logits (the next token)
+    token: str
+    prob: float  # model probability of the chosen token (temperature 1, before warping)
+    top_k: tuple[TokenProb, ...]  # most likely next tokens, model probabilities
+    cache_len: int  # cached positions after this step's update (layer 0)
+    time_ms: float  # the cached forward, capture included
+    max_abs_logit_diff: float | None = None  # vs a full no-cache recompute; None when not run
+    recompute_ms: float | None = None
+    entropy: float = 0.0  # of the next-token distribution, nats
+    logits: np.ndarray | None = None  # (vocab,) last-position logits, kept only when asked (Session keep_logits)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.step == 0
+
+    @property
+    def key_positions(self) -> int:
+        """Cached positions the newest query attended to, read from the captured weights."""
+        last_row = self.layers[0].weights[:, -1, :]  # (num_heads, kv_len)
+        return int((last_row > 0).any(axis=0).sum())
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers) + (0 if self.logits is None else self.logits.nbytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(KVGeometry):
+    """The static facts about the model a trace came from: its cache geometry, and where it ran."""
+
+    name: str
+    device: str
+    dtype: str  # of the weights and the cache ("float32", "bfloat16", ...)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A whole run: the prompt, every step, and the tokens chosen."""
+
+    model: ModelInfo
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    prompt_tokens: tuple[str, ...]
+    steps: tuple[Step, ...]
+    sampling: dict[str, Any] = field(default_factory=dict)
+    bug: str | None = None
+    generated_text: str = ""
+
+    @property
+    def generated_ids(self) -> tuple[int, ...]:
+        return tuple(s.token_id for s in self.steps)
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every token in order: prompt, then generated."""
+        return self.prompt_tokens + tuple(s.token for s in self.steps)
+
+    def cached_tokens(self, step: int) -> tuple[str, ...]:
+        """Labels of the cache rows after `step` (assumes a correct, append-only cache)."""
+        return self.tokens[: self.steps[step].cache_len]
+
+    def keys(self, layer: int, step: int) -> np.ndarray:
+        """K in the cache after `step`: (num_key_value_heads, kv_len, head_dim).
+
+        What was attended if it was recorded (a buggy cache), else the concatenation of the new
+        rows of steps 0..step (a correct cache only ever appends).
+        """
+        rec = self.steps[step].layers[layer]
+        if rec.attended_keys is not None:
+            return rec.attended_keys
+        return np.concatenate([s.layers[layer].key_states for s in self.steps[: step + 1]], axis=1)
+
+    def values(self, layer: int, step: int) -> np.ndarray:
+        """V in the cache after `step`: (num_key_value_heads, kv_len, head_dim)."""
+        rec = self.steps[step].layers[layer]
+        if rec.attended_values is not None:
+            return rec.attended_values
+        return np.concatenate([s.layers[layer].value_states for s in self.steps[: step + 1]], axis=1)
+
+    def attention_matrix(self, layer: int, head: int, step: int) -> np.ndarray:
+        """The attention heatmap up to `step`, built row by row: (rows, cols), zero-padded.
+
+        Row i is query position i; prefill gives the causal triangle over the prompt and each
+        decode step adds one row one column longer.
+        """
+        rows = [s.layers[layer].weights[head] for s in self.steps[: step + 1]]  # each (q_len, kv_len)
+        n_rows = sum(r.shape[0] for r in rows)
+        n_cols = max(r.shape[1] for r in rows)
+        out = np.zeros((n_rows, n_cols), dtype=np.float32)
+        i = 0
+        for r in rows:
+            out[i : i + r.shape[0], : r.shape[1]] = r
+            i += r.shape[0]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.steps)
+
+    def to_dict(self, *, arrays: bool = False) -> dict[str, Any]:
+        """A JSON-ready summary; with `arrays=True` also, per step and layer, the new q′/k′/v′ rows, the
+        attention weights and the query-head -> KV-head map as nested lists (not the pre-softmax scores,
+        nor the attended K/V a bug may record: the weights and the appended rows rebuild everything shown)."""
+        out: dict[str, Any] = {
+            "model": self.model.name,
+            "device": self.model.device,
+            "dtype": self.model.dtype,
+            "config": {
+                "model_type": self.model.model_type,
+                "num_layers": self.model.num_layers,
+                "num_heads": self.model.num_heads,
+                "num_key_value_heads": self.model.num_key_value_heads,
+                "head_dim": self.model.head_dim,
+                "attention": self.model.attention_kind,
+                "max_positions": self.model.max_positions,
+            },
+            "prompt": self.prompt,
+            "prompt_ids": list(self.prompt_ids),
+            "prompt_tokens": list(self.prompt_tokens),
+            "generated_ids": list(self.generated_ids),
+            "generated_text": self.generated_text,
+            "sampling": dict(self.sampling),
+            "bug": self.bug,
+            "steps": [],
+        }
+        for s in self.steps:
+            entry: dict[str, Any] = {
+                "step": s.step,
+                "phase": "prefill" if s.is_prefill else "decode",
+                "input_ids": list(s.input_ids),
+                "positions": list(s.positions),
+                "token_id": s.token_id,
+                "token": s.token,
+                "prob": s.prob,
+                "entropy": s.entropy,
+                "top_k": [{"token_id": t.token_id, "token": t.token, "prob": t.prob} for t in s.top_k],
+                "cache_len": s.cache_len,
+                "key_positions": s.key_positions,
+                "max_abs_logit_diff": s.max_abs_logit_diff,
+                "time_ms": s.time_ms,
+                "recompute_ms": s.recompute_ms,
+            }
+            if arrays:
+                entry["layers"] = [
+                    {
+                        "layer_idx": layer.layer_idx,
+                        "kv_head_of": layer.kv_head_of.tolist(),
+                        "query_states": layer.query_states.tolist(),
+                        "key_states": layer.key_states.tolist(),
+                        "value_states": layer.value_states.tolist(),
+                        "weights": layer.weights.tolist(),
+                    }
+                    for layer in s.layers
+                ]
+            out["steps"].append(entry)
+        return out
+
+    def to_json(self, *, arrays: bool = False) -> str:
+        return json.dumps(self.to_dict(arrays=arrays))

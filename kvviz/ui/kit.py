@@ -1,0 +1,131 @@
+"""What every page repeats: its setup, the navigation, charts, pickers and the Play timer.
+
+Why `page()` exists (the framework trap): with a `pages/` folder beside the entry point,
+Streamlit 1.67 starts in its legacy multipage mode, and until some request has run `app.py`'s
+`st.navigation`, a deep link (say `/step_through` as the first request to a fresh server) runs
+the page script alone, without `app.py`. So every page calls `kit.page()` first, which
+- sets the page config, the session-state defaults and the shared model sidebar itself, and
+- when the page was not reached through `app.py` (the legacy mode), declares the navigation
+  itself: the menu this visitor sees is the real one (titles, icons), and the whole process
+  leaves the legacy mode, so from the next request on every page runs through `app.py`.
+  (No rerun: a rerun would drop the widget events of the run it replaces. Streamlit's AppTest
+  starts every run in the legacy mode, so this path runs on every test rerun too.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from kvviz.engine import DEFAULT_PROMPT
+from kvviz.engine.models import LoadedModel
+from kvviz.ui import model, state
+from kvviz.ui.model import current_model, require_model
+
+__all__ = ["DEFAULT_PROMPT", "PAGES", "chart", "current_model", "page", "picker", "play_tick", "require_model", "run_app"]
+
+ROOT = Path(__file__).resolve().parents[2]
+# (file, title, icon) in menu order; the first is the default page. Every file must exist.
+PAGES: tuple[tuple[str, str, str], ...] = (
+    ("pages/home.py", "Home", ":material/home:"),
+    ("pages/step_through.py", "Step through", ":material/step:"),
+    ("pages/bug_lab.py", "Bug lab", ":material/bug_report:"),
+    ("pages/cost.py", "Cache vs recompute", ":material/timer:"),
+    ("pages/memory.py", "Memory per token", ":material/memory:"),
+    ("pages/paged.py", "Paged & shared prefix", ":material/view_module:"),
+)
+CHART_CONFIG = {"displaylogo": False}
+
+_THROUGH_APP: ContextVar[bool] = ContextVar("kvviz_through_app", default=False)
+
+
+def navigation() -> Any:
+    """`st.navigation` over PAGES (a missing page file is an error, not a silently shorter menu)."""
+    return st.navigation([st.Page(ROOT / f, title=t, icon=i, default=n == 0) for n, (f, t, i) in enumerate(PAGES)])
+
+
+@contextmanager
+def _through_app():
+    token = _THROUGH_APP.set(True)
+    try:
+        yield
+    finally:
+        _THROUGH_APP.reset(token)
+
+
+def _navigation_from_a_page() -> None:
+    """Declare the navigation from a page that runs without app.py, keeping the page's identity.
+
+    `st.navigation` re-points the run's active script hash at the entry point, and every widget
+    ID includes that hash: declared here without restoring it, the page's widgets would change
+    IDs between this run and the next (which goes through app.py), and the first click after a
+    deep link would be lost. Streamlit is pinned exactly (tests/test_pins.py); a browser test
+    opens every page as the first request of a fresh server, and a page test clicks on the first
+    rerun, so a change in these internals fails loudly.
+    """
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+    from streamlit.runtime.scriptrunner_utils.script_run_context import ThreadState
+
+    ctx = get_script_run_ctx()
+    if ctx is None:  # bare mode (plain `python pages/x.py`): nothing to navigate
+        return
+    with ctx.run_with_active_hash(ThreadState.get().active_script_hash):
+        navigation()  # the real menu for this visitor; leaves the legacy pages/ mode for the whole process
+
+
+def run_app() -> None:
+    """The entry point's whole job: navigation, then the chosen page (which sets itself up)."""
+    with _through_app():
+        navigation().run()
+
+
+def page(title: str) -> LoadedModel | None:
+    """Set up a page: config, state defaults, the shared model sidebar. Returns the sidebar's model.
+
+    Call it first in every page script (see the module docstring for why the page does it itself).
+    """
+    if not _THROUGH_APP.get():
+        _navigation_from_a_page()
+    st.set_page_config(page_title=f"{title} · kvviz", page_icon=":material/grid_view:", layout="wide")
+    state.init()
+    return model.model_sidebar()
+
+
+def chart(fig: Any, key: str, shown: dict | None = None) -> None:
+    """Draw a figure with Streamlit's theme (light/dark); keep it in `shown` (title -> figure) for an export."""
+    if shown is not None:
+        shown[fig.layout.title.text or key] = fig
+    st.plotly_chart(fig, theme="streamlit", key=key, config=CHART_CONFIG)
+
+
+def picker(label: str, n: int, key: str, fmt: Callable[[int], str] = str) -> int:
+    """A compact picker over 0..n-1: segmented buttons when few, a select box when many."""
+    if key not in st.session_state or st.session_state[key] is None or st.session_state[key] >= n:
+        st.session_state[key] = 0
+    if n <= 12:
+        return st.segmented_control(label, list(range(n)), format_func=fmt, required=True, key=key)
+    return st.selectbox(label, list(range(n)), format_func=fmt, key=key)
+
+
+def play_tick(prefix: str, seconds: float, advance: Callable[[], None], at_end: Callable[[], bool]) -> None:
+    """One tick of a Play timer, for a fragment rerun every `seconds` while `{prefix}_playing` is set.
+
+    Advances when a tick is due (0.8 x `seconds` since the last, so a slightly early rerun still
+    counts); at the end it stops playing and reruns the whole app, which registers the fragment
+    again without its timer.
+    """
+    ss = st.session_state
+    if not ss[f"{prefix}_playing"]:
+        return
+    if at_end():
+        ss[f"{prefix}_playing"] = False
+        st.rerun()
+    if time.monotonic() - ss[f"{prefix}_last_tick"] >= 0.8 * seconds:
+        ss[f"{prefix}_last_tick"] = time.monotonic()
+        advance()
