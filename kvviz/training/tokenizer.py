@@ -8,9 +8,10 @@ including spaces and newlines. Trained on the *training* split only.
 Special tokens:
 
 * ``<|endoftext|>`` (id 0): end of sequence; also used as the pad token.
-* ``<|bos|>`` (id 1): beginning of sequence. The tokenizer does **not** add it automatically
-  (``add_bos_token=False``): kvviz shows exactly the tokens of the prompt. Half the training
-  sequences start with it (see ``train.py``), so the model handles prompts with or without it.
+* ``<|bos|>`` (id 1): beginning of sequence. The tokenizer adds it in front of every text
+  (``add_bos_token=True``, written into ``tokenizer.json`` as a post-processor), as Llama's
+  does, and every training sequence starts with it (see ``train.py``): position 0 is always
+  BOS, the usual home of an attention sink. Pass ``add_special_tokens=False`` for raw tokens.
 
 Saved with ``PreTrainedTokenizerFast.save_pretrained`` so that
 ``AutoTokenizer.from_pretrained(dir)`` loads it (``tokenizer.json`` + ``tokenizer_config.json``).
@@ -49,7 +50,7 @@ def train_tokenizer(paragraphs: Iterable[str], vocab_size: int = 4096) -> PreTra
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        add_bos_token=False,
+        add_bos_token=True,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
         model_max_length=512,

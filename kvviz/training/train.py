@@ -1,31 +1,43 @@
 """Train kvviz's bundled model: a small Llama (GQA + RoPE) on Jane Austen, on a CPU budget.
 
 The recipe is the usual small-GPT one (nanoGPT, Karpathy 2022; Llama architecture from
-Touvron et al. 2023; grouped-query attention from Ainslie et al. 2023, "GQA"):
+Touvron et al. 2023; grouped-query attention from Ainslie et al. 2023, "GQA"), with two
+additions that give a learner something to see in the attention (issue 13, model v2):
 
+* **BOS first, always.** Every training sequence starts with ``<|bos|>`` and the tokenizer
+  adds it to every prompt (``add_bos_token=True``), as Llama's does. A token that is always
+  there and always at position 0 is where trained models park attention they do not need:
+  the *attention sink* (Xiao et al. 2023, "Efficient Streaming Language Models with Attention
+  Sinks"), which is what makes StreamingLLM's "keep the first tokens" work.
+* **Repeated spans.** A share of the sequences contains a span seen twice: ``random_repeat``
+  of them a run of random tokens R (the first copy is not scored: it is noise), placed as
+  ``[BOS] text R R text``; ``text_repeat`` of them a span of the text copied further on. Only
+  a repeat can be predicted by copying, so these train *induction heads* (Olsson et al. 2022,
+  "In-context Learning and Induction Heads") within a small budget.
+
+The rest:
 * data: the committed corpus ``data/austen/{train,valid}.txt.gz`` (see ``prepare_data.py``);
   only the train split is trained on. Each novel's training paragraphs are joined by "\\n",
   tokenized, and the novels concatenated with ``<|endoftext|>`` between them into one stream.
-* batches: ``batch_size`` sequences of ``seq_len`` tokens. With probability ``bos_prob`` a
-  sequence is ``<|bos|>`` + text from the start of a random paragraph; otherwise it is text
-  from a uniformly random offset. So the model works both with and without a BOS in front
-  (kvviz's tokenizer does not add one) and BOS, when present, marks a paragraph start.
+  A text sequence is ``<|bos|>`` + ``seq_len`` tokens from the start of a random paragraph
+  (probability ``para_start``) or from a random offset.
 * optimiser: AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup, then
-  cosine decay to ``min_lr_ratio * lr`` over the *wall-clock* budget: the schedule is a
-  function of elapsed time, so a run of any length ends fully annealed. The step count
-  therefore depends on machine speed (the seed fixes init and batch order, not the length).
+  cosine decay to ``min_lr_ratio * lr`` over a fixed number of **steps**: the run length is a
+  step budget, and with the seed it fixes init, every batch and every dropout mask, so a run
+  reproduces (up to float summation order across thread counts).
 * regularisation: residual dropout (on the attention and MLP outputs, added with forward
   hooks during training only, so the saved model is a plain ``LlamaForCausalLM``), because
-  the budget covers the ~0.9M training tokens about ten times.
+  the budget covers the ~0.95M training tokens about ten times.
 * precision: bfloat16 autocast (fp32 master weights) when ``--bf16`` (the default): on these
   CPUs (AMX) it is ~1.5x faster than fp32. The checkpoint is saved in float16.
 
-The model is saved every ``--save-every`` seconds and at the end (fp16 safetensors + tokenizer,
-written to a temporary directory then moved in), so stopping the run leaves a loadable model.
+Every ``--save-every`` steps the full training state (weights, optimiser, RNG states, step)
+goes to ``--state`` and an fp16 model to ``--out``; ``--resume`` continues from the state, so
+a stopped run picks up where it was and ends as if it had never stopped.
 At the end, held-out bits/char on the full validation split is computed and logged.
 
-Run (the bundled model; ~40 min on one CPU thread):
-    python -m kvviz.training.train --budget-minutes 40 --out kvviz/bundled
+Run (the bundled model v2; about 2 hours on two CPU threads):
+    python -m kvviz.training.train --steps 3000 --out artifacts/bundled-v2 --state artifacts/train-v2.pt --resume
 """
 
 from __future__ import annotations
@@ -42,7 +54,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from kvviz.training.metrics import bits_per_char, token_nll
@@ -52,7 +63,7 @@ from kvviz.training.tokenizer import save_tokenizer, train_tokenizer
 
 @dataclass
 class ModelSpec:
-    """Architecture of the bundled Llama (fp16 size must stay under 10 MB)."""
+    """Architecture of the bundled Llama (fp16 size must stay under 12 MB)."""
 
     vocab_size: int = 4096  # byte-level BPE; ~4.1 characters per token on Austen
     hidden_size: int = 256  # d_model
@@ -77,6 +88,20 @@ class ModelSpec:
         )
 
 
+IGNORE = -100  # target id that cross_entropy skips (the first copy of a random repeat)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What a training sequence is made of (probabilities per sequence)."""
+
+    random_repeat: float = 0.12  # [BOS] text R R text, R random tokens, its first copy unscored
+    text_repeat: float = 0.08  # [BOS] text with one span of it copied further on
+    para_start: float = 0.7  # of the plain text sequences: start at a paragraph, else anywhere
+    min_span: int = 8  # length of a repeated span, in tokens
+    max_span: int = 64
+
+
 class TokenStream:
     """The training split as one token stream, plus where each paragraph starts in it."""
 
@@ -92,20 +117,46 @@ class TokenStream:
         self.ids = torch.tensor(ids, dtype=torch.long)  # (N,)
         self.paragraph_starts = starts
         self.bos_id = tokenizer.bos_token_id
+        self.first_regular = max(tokenizer.all_special_ids) + 1  # random tokens are never special
+        self.vocab_size = len(tokenizer)
 
-    def batch(self, rng: random.Random, batch_size: int, seq_len: int, bos_prob: float) -> torch.Tensor:
-        """``(batch_size, seq_len + 1)`` token ids; inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
-        rows = []
+    def text(self, rng: random.Random, length: int, para_start: float) -> torch.Tensor:
+        """``length`` consecutive tokens from a paragraph start or a random offset: (length,)."""
         n = len(self.ids)
-        for _ in range(batch_size):
-            if rng.random() < bos_prob:
-                start = min(rng.choice(self.paragraph_starts), n - seq_len)
-                row = torch.cat([torch.tensor([self.bos_id]), self.ids[start : start + seq_len]])
-            else:
-                start = rng.randrange(0, n - seq_len - 1)
-                row = self.ids[start : start + seq_len + 1]
-            rows.append(row)
-        return torch.stack(rows)  # (B, T+1)
+        if rng.random() < para_start:
+            start = min(rng.choice(self.paragraph_starts), n - length)
+        else:
+            start = rng.randrange(0, n - length)
+        return self.ids[start : start + length]
+
+    def sequence(self, rng: random.Random, seq_len: int, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row: ``(ids, targets)``, each (seq_len + 1,); ids[0] is BOS; targets are the ids
+        with the unpredictable positions set to IGNORE (targets[0] is never used)."""
+        kind = rng.random()
+        if kind < mix.random_repeat:
+            span = rng.randint(mix.min_span, mix.max_span)
+            before = rng.randint(0, seq_len - 2 * span)
+            r = torch.tensor([rng.randrange(self.first_regular, self.vocab_size) for _ in range(span)])
+            after = seq_len - before - 2 * span
+            ids = torch.cat([torch.tensor([self.bos_id]), self.text(rng, before, mix.para_start), r, r,
+                             self.text(rng, after, 1.0)])
+            targets = ids.clone()
+            # the first copy, and the first token of the second (what follows R's end is unknowable)
+            targets[1 + before : 1 + before + span + 1] = IGNORE
+            return ids, targets
+        ids = torch.cat([torch.tensor([self.bos_id]), self.text(rng, seq_len, mix.para_start)])
+        if kind < mix.random_repeat + mix.text_repeat:
+            span = rng.randint(mix.min_span, mix.max_span)
+            src = rng.randint(1, seq_len // 2 - span)
+            dst = rng.randint(src + span + 1, seq_len + 1 - span)
+            ids = ids.clone()
+            ids[dst : dst + span] = ids[src : src + span]
+        return ids, ids.clone()
+
+    def batch(self, rng: random.Random, batch_size: int, seq_len: int, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, targets)``, each ``(batch_size, seq_len + 1)``: inputs ``ids[:, :-1]``, targets ``targets[:, 1:]``."""
+        rows = [self.sequence(rng, seq_len, mix) for _ in range(batch_size)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
 def add_residual_dropout(model: LlamaForCausalLM, p: float) -> list[torch.utils.hooks.RemovableHandle]:
@@ -127,12 +178,12 @@ def add_residual_dropout(model: LlamaForCausalLM, p: float) -> list[torch.utils.
     return handles
 
 
-def lr_at(step: int, elapsed_frac: float, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr``
-    as the elapsed fraction of the wall-clock budget goes from 0 to 1."""
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr`` at ``total_steps``."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed_frac)))
+    frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * cos)
 
 
@@ -158,13 +209,27 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     tmp.rmdir()
 
 
+def save_state(path: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, rng: random.Random, progress: dict) -> None:
+    """Everything a resumed run needs to continue as if it had never stopped (atomic replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+         "torch_rng": torch.get_rng_state(), "progress": progress},
+        tmp,
+    )
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train the bundled Austen Llama on a time budget.")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "kvviz" / "bundled")
+    ap = argparse.ArgumentParser(description="Train the bundled Austen Llama on a step budget.")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bundled-v2")
+    ap.add_argument("--state", type=Path, default=None, help="training-state file (default: OUT/../train-state-OUTNAME.pt)")
+    ap.add_argument("--resume", action="store_true", help="continue from --state if it exists")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--budget-minutes", type=float, default=40.0, help="wall-clock training budget")
+    ap.add_argument("--steps", type=int, default=3000, help="optimiser steps: the run length")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave cores to others)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
         "--bf16",
@@ -179,14 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=150)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--dropout", type=float, default=0.1, help="residual dropout")
-    ap.add_argument("--bos-prob", type=float, default=0.5)
+    ap.add_argument("--random-repeat", type=float, default=Mix.random_repeat)
+    ap.add_argument("--text-repeat", type=float, default=Mix.text_repeat)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--hidden-size", type=int, default=ModelSpec.hidden_size)
     ap.add_argument("--layers", type=int, default=ModelSpec.num_hidden_layers)
     ap.add_argument("--heads", type=int, default=ModelSpec.num_attention_heads)
     ap.add_argument("--kv-heads", type=int, default=ModelSpec.num_key_value_heads)
     ap.add_argument("--intermediate-size", type=int, default=ModelSpec.intermediate_size)
-    ap.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
+    ap.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     ap.add_argument(
         "--quick-eval-tokens",
         type=int,
@@ -194,10 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         help="validation tokens per novel scored at each checkpoint (progress only)",
     )
     args = ap.parse_args(argv)
+    state_path = args.state or args.out.parent / f"train-state-{args.out.name}.pt"
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
+    mix = Mix(random_repeat=args.random_repeat, text_repeat=args.text_repeat)
     args.out.mkdir(parents=True, exist_ok=True)
 
     train_novels = load_split_by_novel("train", args.data_dir)
@@ -220,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     model.config._attn_implementation = "sdpa"  # fastest for training; eval re-loads as needed
     add_residual_dropout(model, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"train tokens {len(stream.ids):,}  params {n_params:,}  spec {asdict(spec)}", flush=True)
+    print(f"train tokens {len(stream.ids):,}  params {n_params:,}  spec {asdict(spec)}  mix {asdict(mix)}", flush=True)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm gains
@@ -242,88 +310,75 @@ def main(argv: list[str] | None = None) -> None:
                 nll, n = nll + a, n + b
         return nll / n
 
-    budget = args.budget_minutes * 60.0
-    step, tokens_seen, loss_ema = 0, 0, None
-    history: list[dict] = []
-    info: dict = {}
-    t0 = last_save = time.time()
-    bar = tqdm(
-        total=round(budget),
-        unit="s",
-        desc="train",
-        mininterval=5.0,
-        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]",
-    )
+    progress: dict = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_ema": None, "history": []}
+    if args.resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)  # our own file, written by save_state
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        progress = state["progress"]
+        print(f"resumed from {state_path} at step {progress['step']}", flush=True)
+
+    def info(status: str) -> dict:
+        return {
+            "status": status,
+            "steps": progress["step"],
+            "tokens_seen": progress["tokens"],
+            "epochs": round(progress["tokens"] / len(stream.ids), 2),
+            "seconds": round(progress["seconds"]),
+            "params": n_params,
+            "train_loss_ema": None if progress["loss_ema"] is None else round(progress["loss_ema"], 4),
+            "mix": asdict(mix),
+            "device": args.device,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "args": _jsonable(vars(args)),
+            "history": progress["history"],
+        }
+
     model.train()
-    while True:
-        elapsed = time.time() - t0
-        if elapsed >= budget:
-            break
-        lr = lr_at(step, elapsed / budget, args.lr, args.warmup_steps, args.min_lr_ratio)
+    t_run = time.time() - progress["seconds"]
+    while progress["step"] < args.steps:
+        step = progress["step"]
+        lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = stream.batch(rng, args.batch_size, args.seq_len, args.bos_prob).to(args.device)
+        ids, targets = stream.batch(rng, args.batch_size, args.seq_len, mix)
+        ids, targets = ids.to(args.device), targets.to(args.device)
         with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=batch[:, :-1]).logits  # (B, T, vocab)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            logits = model(input_ids=ids[:, :-1]).logits  # (B, T, vocab)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        tokens_seen += batch[:, 1:].numel()
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        now = time.time()
-        bar.n = min(round(now - t0), bar.total)
-        bar.set_postfix(step=step, loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / (now - t0):.0f}", refresh=False)
-        bar.update(0)
-        if now - last_save >= args.save_every:
+        progress["step"] = step = step + 1
+        progress["tokens"] += int((targets[:, 1:] != IGNORE).sum())
+        progress["seconds"] = time.time() - t_run
+        ema = progress["loss_ema"]
+        progress["loss_ema"] = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 20 == 0:
+            print(f"step {step}/{args.steps} loss {progress['loss_ema']:.3f} lr {lr:.2e} "
+                  f"tok/s {progress['tokens'] / progress['seconds']:.0f}", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
             val = quick_eval()
-            history.append(
-                {
-                    "seconds": round(now - t0),
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "train_loss_ema": round(loss_ema, 4),
-                    "quick_valid_nats_per_token": round(val, 4),
-                }
-            )
-            tqdm.write(json.dumps(history[-1]))
-            info = {
-                "status": "in progress",
-                "steps": step,
-                "tokens_seen": tokens_seen,
-                "seconds": round(now - t0),
-                "params": n_params,
-                "args": _jsonable(vars(args)),
-                "history": history,
-            }
-            save_checkpoint(model, tokenizer, args.out, info)
-            last_save = time.time()
-    bar.close()
-    train_seconds = time.time() - t0
+            progress["history"].append({
+                "seconds": round(progress["seconds"]), "step": step, "tokens": progress["tokens"],
+                "train_loss_ema": round(progress["loss_ema"], 4), "quick_valid_nats_per_token": round(val, 4),
+            })
+            print(json.dumps(progress["history"][-1]), flush=True)
+            save_checkpoint(model, tokenizer, args.out, info("in progress"))
+            save_state(state_path, model, opt, rng, progress)
 
     model.eval()
     t_eval = time.time()
     final = bits_per_char(model, tokenizer, valid_texts, context=args.seq_len, stride=args.seq_len // 2, device=args.device)
-    info = {
-        "status": "done",
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "epochs": round(tokens_seen / len(stream.ids), 2),
-        "seconds": round(train_seconds),
-        "params": n_params,
-        "train_loss_ema": round(loss_ema or float("nan"), 4),
-        "valid_fp32_weights": final,
-        "device": args.device,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "args": _jsonable(vars(args)),
-        "history": history,
-    }
-    save_checkpoint(model, tokenizer, args.out, info)
+    done = info("done")
+    done["valid_fp32_weights"] = final
+    save_checkpoint(model, tokenizer, args.out, done)
     print(
-        f"done: {step} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min; held-out "
+        f"done: {progress['step']} steps, {progress['tokens']:,} tokens in {progress['seconds'] / 60:.1f} min; held-out "
         f"{final['bits_per_char']:.4f} bits/char ({final['nats_per_token']:.4f} nats/token, "
         f"eval {time.time() - t_eval:.0f}s); saved to {args.out}",
         flush=True,
