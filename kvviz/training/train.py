@@ -153,6 +153,20 @@ class TokenStream:
             ids[dst : dst + span] = ids[src : src + span]
         return ids, ids.clone()
 
+    def copy_batch(self, rng: random.Random, batch_size: int, seq_len: int, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[BOS] R R R ...`` cut at ``seq_len + 1`` tokens, R random tokens of a random length
+        in [min_span, max_span / 2] (at least two copies fit); each row's first copy unscored.
+        Shapes as ``batch``. Dense copying: every scored token is predictable only by looking back."""
+        ids = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
+        targets = torch.empty_like(ids)
+        for row in range(batch_size):
+            span = rng.randint(mix.min_span, max(mix.min_span, min(mix.max_span // 2, seq_len // 2)))
+            r = torch.tensor([rng.randrange(self.first_regular, self.vocab_size) for _ in range(span)])
+            ids[row] = torch.cat([torch.tensor([self.bos_id]), r.repeat(seq_len // span + 1)])[: seq_len + 1]
+            targets[row] = ids[row]
+            targets[row, : 1 + span + 1] = IGNORE  # BOS, the first copy, the first token after it
+        return ids, targets
+
     def batch(self, rng: random.Random, batch_size: int, seq_len: int, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids, targets)``, each ``(batch_size, seq_len + 1)``: inputs ``ids[:, :-1]``, targets ``targets[:, 1:]``."""
         rows = [self.sequence(rng, seq_len, mix) for _ in range(batch_size)]
@@ -221,12 +235,31 @@ def save_state(path: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, 
     tmp.replace(path)
 
 
+def init_weights(path: Path, tokenizer: PreTrainedTokenizerBase, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of the model saved at ``path``, checked to fit ``config`` and ``tokenizer``.
+
+    Continued training (v2 starts from v1) only makes sense on the same token ids, so a changed
+    vocabulary or shape is an error rather than a silent partial load."""
+    saved = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    same_vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"] == tokenizer.get_vocab()
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+    if not same_vocab or any(getattr(saved.config, k) != getattr(config, k) for k in shape):
+        raise SystemExit(f"--init {path}: its vocabulary or shape differs from this run's; train from scratch instead")
+    return saved.state_dict()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train the bundled Austen Llama on a step budget.")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bundled-v2")
     ap.add_argument("--state", type=Path, default=None, help="training-state file (default: OUT/../train-state-OUTNAME.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from --state if it exists")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this saved model's weights (same tokenizer and shape) instead of random ones",
+    )
     ap.add_argument("--steps", type=int, default=3000, help="optimiser steps: the run length")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -246,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dropout", type=float, default=0.1, help="residual dropout")
     ap.add_argument("--random-repeat", type=float, default=Mix.random_repeat)
     ap.add_argument("--text-repeat", type=float, default=Mix.text_repeat)
+    ap.add_argument("--min-span", type=int, default=Mix.min_span, help="shortest repeated span, tokens")
+    ap.add_argument("--max-span", type=int, default=Mix.max_span, help="longest repeated span, tokens")
+    ap.add_argument("--copy-batch", type=int, default=0, help="rows of pure copying ([BOS] R R ...) added to every step")
+    ap.add_argument("--copy-len", type=int, default=64, help="tokens per copying row")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--hidden-size", type=int, default=ModelSpec.hidden_size)
     ap.add_argument("--layers", type=int, default=ModelSpec.num_hidden_layers)
@@ -265,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    mix = Mix(random_repeat=args.random_repeat, text_repeat=args.text_repeat)
+    mix = Mix(random_repeat=args.random_repeat, text_repeat=args.text_repeat, min_span=args.min_span, max_span=args.max_span)
     args.out.mkdir(parents=True, exist_ok=True)
 
     train_novels = load_split_by_novel("train", args.data_dir)
@@ -285,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     config = spec.to_config(tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = LlamaForCausalLM(config).to(args.device)
+    if args.init is not None:
+        model.load_state_dict(init_weights(args.init, tokenizer, config))
     model.config._attn_implementation = "sdpa"  # fastest for training; eval re-loads as needed
     add_residual_dropout(model, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
@@ -349,6 +388,14 @@ def main(argv: list[str] | None = None) -> None:
         with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(input_ids=ids[:, :-1]).logits  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE)
+        if args.copy_batch:
+            # its own (shorter) batch: copying needs many examples per step to leave the plateau
+            c_ids, c_targets = stream.copy_batch(rng, args.copy_batch, args.copy_len, mix)
+            with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+                c_logits = model(input_ids=c_ids[:, :-1].to(args.device)).logits
+            c_loss = F.cross_entropy(c_logits.float().flatten(0, 1), c_targets[:, 1:].flatten().to(args.device),
+                                     ignore_index=IGNORE)
+            loss = loss + c_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
