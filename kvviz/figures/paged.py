@@ -17,7 +17,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from kvviz.economics.paged import Cell, SimResult, Snapshot
+from kvviz.economics.blocks import Cell
+from kvviz.economics.paged import SimResult, Snapshot
 from kvviz.figures.common import base_layout
 
 RUN_COLORS = ("#d62728", "#2ca02c", "#1f77b4", "#9467bd")  # before (red), after (green), ...

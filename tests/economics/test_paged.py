@@ -9,16 +9,13 @@ import math
 import numpy as np
 import pytest
 
+from kvviz.economics.blocks import ContiguousAllocator, InvariantError, PagedAllocator, block_hashes
 from kvviz.economics.paged import (
     SCENARIOS,
-    ContiguousAllocator,
-    InvariantError,
-    PagedAllocator,
     Request,
     Server,
     StepCost,
     Workload,
-    block_hashes,
     compare,
     requests_that_fit,
     simulate,
