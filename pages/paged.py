@@ -86,7 +86,7 @@ st.caption(f"{which}: {bpt:,} B per token in {dtype}, so the KV memory of {int(b
            f"{human_bytes(int(budget) * bpt)}.")
 
 # -- before (the incident) and after (the reader's knobs) ---------------------------------------
-ALLOC_LABELS = {"paged": "paged blocks", "contiguous": "contiguous, reserved to max_new_tokens"}
+ALLOC_LABELS = {"paged": "paged blocks", "contiguous": "contiguous"}
 
 
 def knobs_from(server: paged.Server) -> dict[str, object]:
@@ -105,10 +105,15 @@ def load_knobs(server: paged.Server, reveal: bool) -> None:
 for name, value in knobs_from(sc.before).items():  # a first visit starts from the incident
     st.session_state.setdefault(name, value)
 
+try:
+    before = dataclasses.replace(sc.before, budget_tokens=int(budget))
+except ValueError as e:  # a budget smaller than the incident's block
+    st.error(str(e))
+    st.stop()
 left, right = st.columns(2)
 with left:
     st.markdown("**Before: the server as it was**")
-    st.dataframe([{"": a, "setting": b} for a, b in sc.before.describe().items()], hide_index=True)
+    st.markdown("\n".join(f"- **{a}**: {b}" for a, b in before.describe().items()))  # kvviz's own words
 with right:
     st.markdown("**After: your settings**")
     c = st.columns(2)
@@ -117,8 +122,9 @@ with right:
     block = c[1].selectbox("Block size B (tokens)", [8, 16, 32, 64, 128, 256], key=k("block"))
     c = st.columns(2)
     share = c[0].toggle("Prefix sharing", key=k("share"), disabled=alloc == "contiguous")
-    reserve = c[1].toggle("Reserve max_new_tokens at admission", key=k("reserve"), disabled=alloc == "contiguous",
-                          help="admit only when prompt + max_new_tokens fit beside every running request's reservation")
+    reserve = c[1].toggle("Reserve max_new_tokens", key=k("reserve"), disabled=alloc == "contiguous",
+                          help="admit a request only when its prompt + max_new_tokens fit beside every running "
+                               "request's reservation (contiguous memory always reserves it)")
     c = st.columns(2)
     preempt = c[0].segmented_control("Preemption", list(paged.PREEMPTION), required=True, key=k("preempt"))
     swap = c[1].number_input("CPU swap space (tokens)", 0, 1_000_000, step=1000, key=k("swap"),
@@ -141,7 +147,6 @@ try:
         arrival_rate=float(rate), long_prompt_fraction=float(long_prompt), long_prompt_tokens=tuple(doc),
         long_output_fraction=float(long_out), long_output_tokens=tuple(long_len), seed=int(seed),
     )
-    before = dataclasses.replace(sc.before, budget_tokens=int(budget))
     after = paged.Server(
         budget_tokens=int(budget), allocator=alloc, block_size=int(block), prefix_sharing=bool(share) and alloc == "paged",
         reserve="max_new_tokens" if reserve and alloc == "paged" else "none", max_new_tokens_cap=int(cap) or None,

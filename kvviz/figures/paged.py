@@ -24,10 +24,12 @@ from kvviz.figures.common import base_layout
 RUN_COLORS = ("#d62728", "#2ca02c", "#1f77b4", "#9467bd")  # before (red), after (green), ...
 CACHED = "#9e9e9e"  # unreferenced prefix block kept for reuse
 SHARED = "#1a237e"  # a block several requests hold
+FREE = "rgba(160,160,160,0.12)"  # drawn, faintly, so the whole memory's extent shows
 OWNER_COLORS = qualitative.Pastel[:10]  # request r is drawn in OWNER_COLORS[r % 10]
 # the same colours, faded: slots a request holds but has not written (reserved ahead of need)
 RESERVED_COLORS = [c.replace("rgb(", "rgba(").replace(")", ",0.3)") for c in OWNER_COLORS]
-N_COLORS = 2 + 2 * len(OWNER_COLORS)
+N_COLORS = 3 + 2 * len(OWNER_COLORS)
+FREE_Z, CACHED_Z, SHARED_Z, OWNER_Z = 0.0, 1.0, 2.0, 3.0  # z of each kind of cell; owners from 3 on
 
 
 def run_color(i: int) -> str:
@@ -132,9 +134,9 @@ def where_memory_goes(results: Mapping[str, SimResult]) -> go.Figure:
 
 # -- the animated block table -----------------------------------------------------------------
 def _colorscale() -> list[list[float | str]]:
-    """Discrete scale over z = 0 (cached), 1 (shared), 2..11 (owner r % 10), 12..21 (the same
-    owner, nothing written yet)."""
-    colors = [CACHED, SHARED, *OWNER_COLORS, *RESERVED_COLORS]
+    """Discrete scale over z = 0 (free), 1 (cached), 2 (shared), 3..12 (owner r % 10), 13..22 (the
+    same owner, nothing written yet)."""
+    colors = [FREE, CACHED, SHARED, *OWNER_COLORS, *RESERVED_COLORS]
     n = len(colors)
     scale: list[list[float | str]] = []
     for i, c in enumerate(colors):
@@ -145,13 +147,13 @@ def _colorscale() -> list[list[float | str]]:
 def _cell_view(cell: Cell) -> tuple[float, str]:
     """(z, label) of one cell: the colour index and the short text drawn in it."""
     if cell.cached:
-        return 0.0, "c"
+        return CACHED_Z, "c"
     if not cell.owners:
-        return math.nan, ""
+        return FREE_Z, ""
     if len(cell.owners) > 1:
-        return 1.0, f"×{len(cell.owners)}"
+        return SHARED_Z, f"×{len(cell.owners)}"
     r = cell.owners[0]
-    return (2.0 + len(OWNER_COLORS) if cell.fill == 0 else 2.0) + r % 10, f"R{r}"
+    return (OWNER_Z + len(OWNER_COLORS) if cell.fill == 0 else OWNER_Z) + r % 10, f"R{r}"
 
 
 def _grid(cells: Sequence[Cell], cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -199,7 +201,7 @@ def block_tables(results: Mapping[str, SimResult], max_frames: int = 40, cols: i
     """
     labels = list(results)
     times = frame_times(results, max_frames)
-    hover = "block %{customdata[0]}: %{text}, %{customdata[1]} tokens written<extra></extra>"
+    hover = "block %{customdata[0]}: %{text} (%{customdata[1]} tokens written)<extra></extra>"
 
     def traces(t_ms: float) -> tuple[list[dict], str]:
         out, bits = [], []

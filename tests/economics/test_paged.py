@@ -347,10 +347,12 @@ def test_block_table_figure_frames_grid_and_shared_cells():
             z = np.asarray(trace.z, dtype=float)
             assert z.shape == (math.ceil(100 / 16), 16)  # 1600 tokens = 100 blocks
             text = np.asarray(trace.text).astype(str)
-            assert np.all((z == 1) == np.char.startswith(text, "×"))  # dark = shared, marked ×n
-            assert np.all(np.isnan(z) == (text == ""))  # blank = free
-    shared = [(np.asarray(f.data[2].z, dtype=float) == 1).sum() for f in fig.frames]
-    assert max(shared) == 256 // 16 and all((np.asarray(f.data[1].z, dtype=float) == 1).sum() == 0 for f in fig.frames)
+            assert np.all((z == fp.SHARED_Z) == np.char.startswith(text, "×"))  # dark = shared, marked ×n
+            assert np.all((z == fp.FREE_Z) == (text == ""))  # faint = free
+            assert np.all((z == fp.CACHED_Z) == (text == "c"))
+    shared = [(np.asarray(f.data[2].z, dtype=float) == fp.SHARED_Z).sum() for f in fig.frames]
+    assert max(shared) == 256 // 16
+    assert all((np.asarray(f.data[1].z, dtype=float) == fp.SHARED_Z).sum() == 0 for f in fig.frames)
 
 
 def test_over_time_ttft_and_where_memory_goes():
