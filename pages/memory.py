@@ -13,7 +13,15 @@ from kvviz.economics import memory as mem
 from kvviz.engine.cache import measure, measure_prefill
 from kvviz.engine.models import ModelLoadError
 from kvviz.figures import memory as fm
-from kvviz.geometry import CACHE_DTYPES, dtype_bytes, human_bytes
+from kvviz.geometry import (
+    CACHE_DTYPES,
+    LAYER_KIND_LABELS,
+    QUANTIZED,
+    dtype_bytes,
+    human_bytes,
+    human_count,
+    resolve_group_size,
+)
 from kvviz.ui import kit
 
 kit.page("Memory per token")
@@ -24,7 +32,9 @@ st.title("Memory per token")
 st.markdown(
     "Every token leaves one key and one value vector per layer and per KV head in the cache:  \n"
     "**bytes per token = 2 × layers × KV heads × head_dim × bytes per element**. "
-    "GQA and MQA shrink it by sharing each KV head among several query heads."
+    "GQA and MQA shrink it by sharing each KV head among several query heads; **MLA** (DeepSeek) caches one "
+    "small latent per layer instead; **windowed** layers (Mistral, Gemma, gpt-oss) stop growing at their window; "
+    "**hybrids** (Jamba, Qwen3-Next) cache only in their few attention layers."
 )
 
 
@@ -76,53 +86,107 @@ spec = pick_spec()
 if spec is None:
     st.stop()
 geo = spec.geometry
-context = geo.max_positions or 8192
+context = geo.context_length
 
-c = st.columns(4)
-dtype = c[0].selectbox("Cache dtype", CACHE_DTYPES, index=1, key="mem_dtype", persist_state="session",
-                       help="fp8 / int4 are quantised caches (int4 ignores the small per-group scales).")
-wdtype = c[1].selectbox("Weights dtype", CACHE_DTYPES, index=1, key="mem_wdtype", persist_state="session")
-tokens = c[2].number_input("Tokens per sequence", 1, 10_000_000, min(context, 8192), key="mem_tokens")
-batch = c[3].number_input("Batch (sequences at once)", 1, 100_000, 1, key="mem_batch", persist_state="session")
+grouped = resolve_group_size(st.session_state.get("mem_dtype", "float16")) is not None
+c = list(st.columns(5 if grouped else 4))
+dtype = c.pop(0).selectbox("Cache dtype", CACHE_DTYPES, index=1, key="mem_dtype", persist_state="session",
+                           help="fp8 keeps one scale per tensor; int8 / int4 add a scale (int4: and a zero point) "
+                                "per group of elements.")
+group = None
+if resolve_group_size(dtype) is not None:  # int8 / int4: the group is a knob
+    col = c.pop(0) if grouped else st
+    group = int(col.number_input("Group size (elements per scale)", 1, 4096, resolve_group_size(dtype),
+                                 key="mem_group", persist_state="session", help=QUANTIZED[dtype].note))
+wdtype = c[0].selectbox("Weights dtype", CACHE_DTYPES, index=1, key="mem_wdtype", persist_state="session")
+# one tokens box per model, so a preset's 8,192 never carries over to a 512-token model
+tokens = c[1].number_input("Tokens per sequence", 1, int(mem.MAX_TOKENS), context, key=f"mem_tokens::{spec.label}")
+batch = c[2].number_input("Batch (sequences at once)", 1, mem.MAX_BATCH, 1, key="mem_batch", persist_state="session")
 
-est = mem.estimate(geo, int(tokens), int(batch), dtype, weights_bytes=spec.weights_bytes(wdtype) or None)
+est = mem.estimate(geo, int(tokens), int(batch), dtype, weights_bytes=spec.weights_bytes(wdtype) or None, group_size=group)
+kinds = geo.layers_by_kind()
+layers = " + ".join(f"{n} {LAYER_KIND_LABELS[k]}" for k, n in kinds.items())
+window = f" (window {geo.window:,})" if geo.window else ""
+if geo.kv_lora_rank:
+    per_layer = f"({geo.kv_lora_rank} latent + {geo.qk_rope_head_dim} rope)"
+elif geo.value_head_dim != geo.head_dim:
+    per_layer = f"{geo.num_key_value_heads} × ({geo.head_dim} + {geo.value_head_dim})"
+else:
+    per_layer = f"2 × {geo.num_key_value_heads} × {geo.head_dim}"
+scales = f" + {est.scale_bytes_per_token:,} B of scales" if est.scale_bytes_per_token else ""
 st.markdown(
-    f"**{spec.label}** · {geo.model_type} · {geo.num_layers} layers · {geo.num_heads} query heads / "
-    f"{geo.num_key_value_heads} KV heads (**{geo.attention_kind}**) · head_dim {geo.head_dim} · context {context:,}  \n"
-    f"2 × {geo.num_layers} × {geo.num_key_value_heads} × {geo.head_dim} × {dtype_bytes(dtype):g} B "
-    f"= **{est.bytes_per_token:,} B per token**"
+    f"**{spec.label}** · {geo.model_type} · **{geo.attention_kind}** · {layers}{window} · {geo.num_heads} query heads / "
+    f"{geo.num_key_value_heads} KV heads · head_dim {geo.head_dim} · context {context:,}  \n"
+    f"{geo.cached_layers} cached layers × {per_layer} × {dtype_bytes(dtype):g} B{scales} "
+    f"= **{est.bytes_per_token:,} B per token**" + (" while the context is below the window" if geo.window else "")
 )
 m = st.columns(4)
 m[0].metric("Per token", human_bytes(est.bytes_per_token))
 m[1].metric(f"One sequence ({int(tokens):,} tokens)", human_bytes(est.bytes_per_sequence))
-m[2].metric(f"Batch of {int(batch)}", human_bytes(est.total_bytes))
+m[2].metric(f"Batch of {int(batch)}", human_bytes(est.total_bytes + est.state_bytes),
+            help="KV cache plus the fixed state of layers without one" if est.state_bytes else None)
 if spec.parameters:
-    m[3].metric(f"Weights ({spec.parameters / 1e9:.2f} B params, {wdtype})", human_bytes(spec.weights_bytes(wdtype)))
+    m[3].metric(f"Weights ({human_count(spec.parameters)} params, {wdtype})", human_bytes(spec.weights_bytes(wdtype)))
 else:
     m[3].metric("Weights", "unknown", help=spec.note or None)
+
+extra = []  # (label, value, help) for what only some architectures have
+if geo.window:
+    blind = geo.without_windows().total_bytes(int(tokens), int(batch), dtype, group)
+    extra.append(("Past the window, per token", human_bytes(geo.growth_bytes_per_token(dtype, group)),
+                  "only the global layers keep growing"))
+    extra.append(("If the window were ignored", human_bytes(blind), "what summing every layer at every token says"))
+if geo.kv_lora_rank:
+    dec = geo.decompressed_bytes_per_token(dtype)
+    extra.append(("Decompressed K/V per token", human_bytes(dec),
+                  f"{dec / est.bytes_per_token:.0f}× the latent: what attention multiplies at each step (rebuilt, "
+                  "not kept) and what an engine without an MLA kernel would cache"))
+if est.state_bytes:
+    extra.append(("Fixed state, whole batch", human_bytes(est.state_bytes),
+                  f"in {est.state_dtype}; transformers 5.23 keeps recurrent states in float32: "
+                  f"{human_bytes(geo.state_bytes(int(batch), est.state_dtype, stored_by='transformers'))}"))
+if est.scale_bytes_per_token:
+    extra.append(("Scales per token", human_bytes(est.scale_bytes_per_token),
+                  f"{est.scale_bytes_per_token / est.bytes_per_token:.0%} of the quantized cache, group {group}"))
+if extra:
+    cols = st.columns(4)
+    for col, (label, value, tip) in zip(cols, extra):
+        col.metric(label, value, help=tip)
+for note in geo.notes():
+    st.caption(note)
 
 st.subheader("Memory vs context on a GPU")
 c = st.columns([2, 1])
 gpu = c[0].selectbox("Device", list(mem.GPU_PRESETS), index=4, key="mem_gpu", persist_state="session")
 device_bytes = mem.GPU_PRESETS[gpu]
-extent = c[1].segmented_control("Context axis up to", ["device full", "model's context"], default="device full",
-                                required=True, key="mem_extent", persist_state="session")
+extent = c[1].segmented_control("Context axis up to", ["model's context", "until the device is full"],
+                                default="model's context", required=True, key="mem_extent", persist_state="session")
 variants = geo.variants()
-top = (mem.chart_extent(variants, device_bytes, int(batch), dtype, spec.weights_bytes(wdtype), fallback=context)
-       if extent == "device full" else context)
-kit.chart(fm.memory_vs_context(variants, mem.context_points(top), int(batch), dtype,
-                               spec.weights_bytes(wdtype), device_bytes, gpu, model_context=context), "mem_chart")
-fit = {label: mem.max_context_on(g, device_bytes, int(batch), dtype, spec.weights_bytes(wdtype)) for label, g in variants.items()}
-st.caption("Longest context per sequence that fits on the device with the weights, at this batch and dtype: "
-           + " · ".join(f"{label.replace(' ← this model', ' (this model)')}: **{n:,}** tokens" for label, n in fit.items()))
+if geo.window:
+    variants["this model, windows ignored"] = geo.without_windows()
+weights = spec.weights_bytes(wdtype)
+top = context
+if extent == "until the device is full":
+    top = max(context, mem.chart_extent(variants, device_bytes, int(batch), dtype, weights, fallback=context, group_size=group))
+kit.chart(fm.memory_vs_context(variants, mem.context_points(top, window=geo.window), int(batch), dtype, weights,
+                               device_bytes, gpu, model_context=context, group_size=group), "mem_chart")
+fit = {label: mem.max_context_on(g, device_bytes, int(batch), dtype, weights, group) for label, g in variants.items()}
+st.caption(f"Longest context per sequence that fits on the device with the weights, at this batch and dtype (the model "
+           f"itself takes {context:,}): "
+           + " · ".join(f"{label.replace(' ← this model', ' (this model)')}: **"
+                        + ("any length" if n >= mem.MAX_TOKENS else f"{n:,}") + "** tokens" for label, n in fit.items()))
 
-st.subheader("MHA vs GQA vs MQA, every cache dtype")
-kit.chart(fm.variants_by_dtype(variants, int(tokens), int(batch)), "mem_variants")
-st.caption("Same layers and head_dim; only the number of KV heads changes. Quality is not free: MQA and "
-           "aggressive quantisation cost accuracy, which this page does not measure.")
+if len(kinds) > 1 or geo.window:
+    st.subheader("Where the cache goes, by layer kind")
+    kit.chart(fm.memory_by_kind(geo, mem.context_points(top, window=geo.window), int(batch), dtype, group), "mem_kinds")
+
+st.subheader("MHA vs GQA vs MQA" + (" vs MLA" if geo.kv_lora_rank else "") + ", every cache dtype")
+kit.chart(fm.variants_by_dtype(geo.variants(), int(tokens), int(batch), group_size=group), "mem_variants")
+st.caption("Same layers and head sizes; only the number of KV heads (or the latent) changes. Quality is not free: "
+           "MQA and aggressive quantisation cost accuracy, which this page does not measure.")
 
 with st.expander("Every family at a glance (published configs)"):
-    st.dataframe(mem.presets_table(8192, dtype), hide_index=True)
+    st.dataframe(mem.presets_table(8192, "bfloat16"), hide_index=True)
 
 st.subheader("The running model's cache, measured")
 run = st.session_state.step_session  # the Step-through page's run in this browser session, if any

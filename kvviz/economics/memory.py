@@ -4,9 +4,13 @@ The per-token arithmetic lives in `kvviz.geometry`; this module adds what the me
 the CLI need around it: configs from files, presets, uploads or the hub, parameter counts for
 the weights' share, estimates per sequence and batch, and the chart extents.
 
-The numbers are the architecture's: what a serving engine (vLLM, TGI) stores. One implementation
-stores more: transformers' Falcon with `new_decoder_architecture` (Falcon-40B) broadcasts its 8 KV
-heads to all 128 query heads before caching them, 16x the formula.
+The numbers are the architecture's: what a serving engine (vLLM, TGI) stores, and what transformers
+5.23 stores on CPU (measured in tests/economics/test_architectures.py for every family), with three
+differences the estimate names: an MLA model's attention works on decompressed per-head K/V that
+nobody keeps (`decompressed_bytes_per_token`); hybrids' recurrent states are float32 in transformers
+whatever the model's dtype (`state_bytes(stored_by="transformers")`); and transformers' Falcon with
+`new_decoder_architecture` (Falcon-40B) broadcasts its 8 KV heads to all 128 query heads before
+caching them, 16x the formula.
 
 Sources for the configs in `data/configs/`: each model's published `config.json` on the hub.
 """
@@ -19,7 +23,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kvviz.geometry import CACHE_DTYPES, KVGeometry, dtype_bytes, geometry_from_numbers, kv_geometry, normalize_dtype
+from kvviz.geometry import (
+    CACHE_DTYPES,
+    QUANTIZED,
+    KVGeometry,
+    dtype_bytes,
+    geometry_from_numbers,
+    kv_geometry,
+    normalize_dtype,
+    resolve_group_size,
+)
 
 # Usable device memory of common accelerators, in bytes (marketing "GB" are GiB here: an
 # A100-80GB reports 81,920 MiB). The CUDA context takes a few hundred MiB more in practice.
@@ -35,6 +48,8 @@ GPU_PRESETS: dict[str, int] = {
 
 # hand-written configs of each family (published values), for tests and the calculator's presets
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "data" / "configs"
+# old preset names that still resolve: mistral-7b.json was Mistral-7B-v0.1 (v0.2/v0.3 have no window)
+PRESET_ALIASES: dict[str, str] = {"mistral-7b": "mistral-7b-v0.1"}
 
 
 # -- configs: files, presets, the hub ---------------------------------------------------------
@@ -74,6 +89,7 @@ def load_config_source(source: str) -> dict[str, Any]:
     if not source:
         raise ValueError("no config given: pass a config.json path, a directory, a preset name or a hub id")
     presets = preset_configs()
+    source = PRESET_ALIASES.get(source, source)
     if source in presets:
         return read_config_file(presets[source])
     p = Path(source).expanduser()
@@ -115,7 +131,7 @@ def count_parameters(config: dict[str, Any] | Any) -> int:
     cfg = config if isinstance(config, dict) else config.to_dict()
     try:
         return _count_parameters(json.dumps(cfg, sort_keys=True, default=str))
-    except (KeyError, ValueError, TypeError) as e:
+    except Exception as e:  # an uploaded config can make transformers' config class fail in any way
         raise ValueError(f"cannot count the parameters of model_type {cfg.get('model_type')!r}: {e}") from e
 
 
@@ -126,77 +142,133 @@ def weight_bytes(n_params: int, dtype: str = "float16") -> int:
 # -- tables for the page and the CLI ----------------------------------------------------------
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """KV cache of `batch` sequences of `tokens` tokens, optionally beside the weights."""
+    """KV cache of `batch` sequences of `tokens` tokens, optionally beside the weights.
+
+    `total_bytes` is the KV cache (windowed layers capped at their window); the layers without a KV
+    cache add a fixed state per sequence (`state_bytes`, in `state_dtype`); `group_size` is a
+    quantized cache's group (None: the dtype's default).
+    """
 
     geometry: KVGeometry
     dtype: str
     tokens: int
     batch: int
     weights_bytes: int | None = None
+    group_size: int | None = None
+    state_dtype: str = "bfloat16"
 
     @property
     def bytes_per_token(self) -> int:
-        return self.geometry.bytes_per_token(self.dtype)
+        return self.geometry.bytes_per_token(self.dtype, self.group_size)
+
+    @property
+    def scale_bytes_per_token(self) -> int:
+        return self.geometry.scale_bytes_per_token(self.dtype, self.group_size)
 
     @property
     def bytes_per_sequence(self) -> int:
-        return self.geometry.total_bytes(self.tokens, 1, self.dtype)
+        return self.geometry.total_bytes(self.tokens, 1, self.dtype, self.group_size)
 
     @property
     def total_bytes(self) -> int:
-        return self.geometry.total_bytes(self.tokens, self.batch, self.dtype)
+        return self.geometry.total_bytes(self.tokens, self.batch, self.dtype, self.group_size)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.geometry.state_bytes(self.batch, self.state_dtype)
 
     def to_dict(self) -> dict[str, Any]:
+        g = self.geometry
         out: dict[str, Any] = {
-            "geometry": self.geometry.to_dict(),
+            "geometry": g.to_dict(),
+            "attention": g.attention_kind,
+            "layers_by_kind": g.layers_by_kind(),
             "dtype": self.dtype,
             "tokens": self.tokens,
             "batch": self.batch,
             "bytes_per_token": self.bytes_per_token,
             "bytes_per_sequence": self.bytes_per_sequence,
             "total_bytes": self.total_bytes,
+            "bytes_by_kind": g.bytes_by_kind(self.tokens, self.batch, self.dtype, self.group_size),
         }
+        if g.window:
+            out["window"] = g.window
+            out["growth_bytes_per_token"] = g.growth_bytes_per_token(self.dtype, self.group_size)
+            out["total_bytes_without_windows"] = g.without_windows().total_bytes(
+                self.tokens, self.batch, self.dtype, self.group_size)
+        group = resolve_group_size(self.dtype, self.group_size)
+        if self.dtype in QUANTIZED:
+            out["group_size"] = group  # None: one scale per tensor
+            out["scale_bytes_per_token"] = self.scale_bytes_per_token
+        if g.kv_lora_rank:
+            out["decompressed_bytes_per_token"] = g.decompressed_bytes_per_token(self.dtype)
+        if "no_kv" in g.layers_by_kind():
+            out["state_dtype"] = self.state_dtype
+            out["state_bytes"] = self.state_bytes
+            out["state_bytes_transformers"] = g.state_bytes(self.batch, self.state_dtype, stored_by="transformers")
+        out["notes"] = g.notes()
         if self.weights_bytes is not None:
             out["weights_bytes"] = self.weights_bytes
-            out["total_with_weights_bytes"] = self.total_bytes + self.weights_bytes
+            out["total_with_weights_bytes"] = self.total_bytes + self.state_bytes + self.weights_bytes
         return out
 
 
+MAX_TOKENS = 1 << 40  # tokens per sequence the calculator accepts (a trillion: nothing real is longer)
+MAX_BATCH = 1 << 24
+
+
 def estimate(geo: KVGeometry, tokens: int, batch: int = 1, dtype: str = "float16",
-             weights_bytes: int | None = None) -> MemoryEstimate:
-    if tokens < 0 or batch < 1:
-        raise ValueError(f"tokens must be >= 0 and batch >= 1, got tokens={tokens}, batch={batch}")
-    return MemoryEstimate(geo, normalize_dtype(dtype), int(tokens), int(batch), weights_bytes)
+             weights_bytes: int | None = None, group_size: int | None = None, state_dtype: str | None = None) -> MemoryEstimate:
+    """The estimate for `batch` x `tokens` (ValueError for impossible sizes). States are kept in
+    `state_dtype`: by default the cache dtype, or bfloat16 when the cache is quantized."""
+    if isinstance(tokens, bool) or isinstance(batch, bool) or not 0 <= int(tokens) <= MAX_TOKENS \
+            or not 1 <= int(batch) <= MAX_BATCH:
+        raise ValueError(f"tokens must be 0 to {MAX_TOKENS:,} and batch 1 to {MAX_BATCH:,}; got tokens={tokens}, batch={batch}")
+    dtype = normalize_dtype(dtype)
+    resolve_group_size(dtype, group_size)  # a bad group size fails here, with its message
+    if state_dtype is None:
+        state_dtype = "bfloat16" if dtype in QUANTIZED else dtype
+    return MemoryEstimate(geo, dtype, int(tokens), int(batch), weights_bytes, group_size, normalize_dtype(state_dtype))
 
 
-def dtype_table(geo: KVGeometry, tokens: int, batch: int = 1) -> list[dict[str, Any]]:
-    """Bytes per token and in total for every cache dtype."""
+def dtype_table(geo: KVGeometry, tokens: int, batch: int = 1, group_size: int | None = None) -> list[dict[str, Any]]:
+    """Bytes per token (scales included) and in total for every cache dtype."""
     return [
-        {"dtype": d, "bytes_per_token": geo.bytes_per_token(d), "total_bytes": geo.total_bytes(tokens, batch, d)}
+        {"dtype": d, "bytes_per_token": geo.bytes_per_token(d, group_size),
+         "scale_bytes_per_token": geo.scale_bytes_per_token(d, group_size),
+         "total_bytes": geo.total_bytes(tokens, batch, d, group_size)}
         for d in CACHE_DTYPES
     ]
 
 
-def context_points(max_context: int, n: int = 64) -> list[int]:
-    """Context lengths from 1 to `max_context` for a memory-vs-context chart (sorted, unique)."""
+def context_points(max_context: int, n: int = 64, window: int = 0) -> list[int]:
+    """Context lengths from 1 to `max_context` for a memory-vs-context chart (sorted, unique);
+    with a window, its corner (window - 1) is a point too, so the kink is drawn where it is."""
     max_context = max(1, int(max_context))
     step = max(1, max_context // n)
-    return sorted(set(range(step, max_context + 1, step)) | {1, max_context})
+    pts = set(range(step, max_context + 1, step)) | {1, max_context}
+    if 1 < window <= max_context:
+        pts.add(window - 1)
+    return sorted(pts)
 
 
-def max_context_on(geo: KVGeometry, device_bytes: int, batch: int, dtype: str, weights_bytes: int = 0) -> int:
-    """Longest context per sequence such that weights + batch x cache fit in `device_bytes`."""
+def max_context_on(geo: KVGeometry, device_bytes: int, batch: int, dtype: str, weights_bytes: int = 0,
+                   group_size: int | None = None, limit: int = MAX_TOKENS) -> int:
+    """Longest context per sequence such that weights + batch x (cache + state) fit in `device_bytes`
+    (`limit` when it never stops fitting: every layer windowed)."""
     free = device_bytes - weights_bytes
     if free <= 0:
         return 0
-    return int(free // (geo.bytes_per_token(dtype) * batch))
+    return geo.max_tokens(free, dtype, batch, group_size, limit=limit)
 
 
 def chart_extent(variants: dict[str, KVGeometry], device_bytes: int, batch: int, dtype: str, weights_bytes: int = 0,
-                 fallback: int = 8192) -> int:
-    """Context length a memory-vs-context chart should reach: a bit past the point where the
-    hungriest variant fills the device (so the crossing shows), or `fallback` if nothing fits."""
-    first = min((max_context_on(g, device_bytes, batch, dtype, weights_bytes) for g in variants.values()), default=0)
+                 fallback: int = 8192, group_size: int | None = None) -> int:
+    """Context length a memory-vs-context chart should reach to show the device filling up: a bit
+    past the point where the hungriest variant fills it (so the crossing shows), or `fallback` if
+    nothing fits or nothing ever fills it."""
+    fits = [max_context_on(g, device_bytes, batch, dtype, weights_bytes, group_size) for g in variants.values()]
+    first = min((f for f in fits if f < MAX_TOKENS), default=0)
     return int(first * 1.15) if first > 0 else fallback
 
 
@@ -214,8 +286,17 @@ class ModelSpec:
         return 0 if self.parameters is None else weight_bytes(self.parameters, dtype)
 
 
+# counting parameters builds the model on the meta device: bigger than this, it takes too long for a page
+COUNTABLE_LAYERS, COUNTABLE_HIDDEN = 1024, 1 << 17
+
+
 def spec_from_config(cfg: dict[str, Any], label: str) -> ModelSpec:
+    """Geometry (ValueError if the config cannot give one) and, when transformers can build the
+    model on the meta device, its parameter count."""
     geo = kv_geometry(cfg)
+    if geo.num_layers > COUNTABLE_LAYERS or geo.hidden_size > COUNTABLE_HIDDEN:
+        return ModelSpec(label, geo, None, note=f"parameters not counted: {geo.num_layers:,} layers of "
+                                                f"{geo.hidden_size:,} is beyond what kvviz builds to count")
     try:
         return ModelSpec(label, geo, count_parameters(cfg))
     except ValueError as e:
@@ -234,15 +315,22 @@ def spec_from_numbers(num_layers: int, num_heads: int, num_key_value_heads: int,
     return ModelSpec("typed in", geo, params, note="" if params else "type a parameter count to see the weights' share")
 
 
-def presets_table(tokens: int = 8192, dtype: str = "float16") -> list[dict[str, Any]]:
-    """Every shipped config at a glance: geometry, bytes per token, one sequence of `tokens`."""
+def presets_table(tokens: int = 8192, dtype: str = "bfloat16") -> list[dict[str, Any]]:
+    """Every shipped config at a glance: attention, layer kinds, window, bytes per token, one
+    sequence of `tokens` with windows capped, and what a window-blind sum would say."""
     rows = []
     for name, path in preset_configs().items():
         g = kv_geometry(read_config_file(path))
+        kinds = g.layers_by_kind()
         rows.append({
-            "model": name, "type": g.model_type, "layers": g.num_layers,
+            "model": name, "type": g.model_type, "attention": g.attention_kind,
+            "layers": " + ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items()),
+            "window": g.window or None,
             "heads / KV heads": f"{g.num_heads} / {g.num_key_value_heads}",
-            "attention": g.attention_kind, "head_dim": g.head_dim, f"KiB per token ({dtype})": g.bytes_per_token(dtype) / 1024,
-            f"GiB for {tokens:,} tokens": round(g.total_bytes(tokens, 1, dtype) / 2**30, 2),
+            f"KiB per token ({dtype})": round(g.bytes_per_token(dtype) / 1024, 2),
+            f"GiB for {tokens:,} tokens": round(g.total_bytes(tokens, 1, dtype) / 2**30, 3),
+            "GiB if windows were ignored": round(g.without_windows().total_bytes(tokens, 1, dtype) / 2**30, 3)
+            if g.window else None,
+            "fixed state (MiB)": round(g.state_bytes(1, dtype) / 2**20, 1) if g.state_elements else None,
         })
     return rows

@@ -46,7 +46,8 @@ def _defaults() -> dict[str, Any]:
         "cost_throughput": None,  # the last Throughput measured
         "cost_error": None,
         # -- Paged & shared prefix ---------------------------------------------------------------------
-        "paged_results": None,  # {strategy: SimResult} of the last run
+        "paged_results": None,  # {"before" | "after": SimResult} of the last simulation
+        "paged_figures": None,  # the figures built from them (built once per simulation, not per rerun)
         "paged_key": None,  # the settings those results came from
     }
 

@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 import kvviz
 from kvviz.economics.memory import CONFIGS_DIR
+from kvviz.geometry import human_count
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
@@ -42,6 +43,7 @@ def test_memory_page_presets_numbers_paths_and_the_measured_cache(tiny_checkpoin
     assert errors(at) == []
     m = metrics(at)
     assert m["Per token"] == "128.0 KiB" and m["One sequence (8,192 tokens)"] == "1.0 GiB"  # Llama-3-8B fp16
+    assert m["Weights (8.03B params, float16)"] == "15.0 GiB"
     assert m["Equal"] == "yes ✓" and m["Measured: K and V tensor bytes"] == m["Formula"]
     names = [t.get("name", "") for t in charts(at)[0]["data"]]
     assert any("MHA (32" in n for n in names) and any("GQA (8" in n and "this model" in n for n in names)
@@ -61,6 +63,34 @@ def test_memory_page_presets_numbers_paths_and_the_measured_cache(tiny_checkpoin
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     at.text_input(key="mem_target").input("kvviz-tests/no-such-model-7f3a").run()
     assert any("offline" in e for e in errors(at))
+
+    # issue 15's page fixes on a small loaded model: human units, tokens and chart from its own context
+    at.segmented_control(key="mem_source").set_value("loaded model").run()
+    m = metrics(at)
+    params = sum(p.numel() for p in kvviz.load_model(str(tiny_checkpoint)).model.parameters())
+    assert f"Weights ({human_count(params)} params, float16)" in m and "0.00 B" not in "".join(m)
+    assert "One sequence (128 tokens)" in m  # the tiny model's context, not the preset's 8,192
+    chart = charts(at)[0]
+    assert max(max(t["x"]) for t in chart["data"]) == 128
+    assert chart["layout"]["yaxis"]["title"]["text"].startswith("KiB")  # not a flat line at 0.00 GiB
+    at.segmented_control(key="mem_extent").set_value("until the device is full").run()
+    assert max(max(t["x"]) for t in charts(at)[0]["data"]) > 10**6  # asked for more: up to the device
+
+    # the architectures: MLA, windows, hybrids, quantized scales
+    at.segmented_control(key="mem_source").set_value("preset").run()
+    at.selectbox(key="mem_preset").set_value("deepseek-v3").run()
+    assert errors(at) == [] and metrics(at)["Per token"] == "68.6 KiB"  # 70,272 B in fp16 / bf16
+    assert "Decompressed K/V per token" in metrics(at)
+    at.selectbox(key="mem_preset").set_value("gemma-3-12b").run()
+    m = metrics(at)
+    assert m["Past the window, per token"] == "64.0 KiB" and "If the window were ignored" in m
+    assert any("this model, windows ignored" in t.get("name", "") for t in charts(at)[0]["data"])
+    at.selectbox(key="mem_dtype").set_value("int4").run()
+    at.number_input(key="mem_group").set_value(32).run()
+    assert errors(at) == [] and "Scales per token" in metrics(at)
+    at.selectbox(key="mem_dtype").set_value("float16").run()
+    at.selectbox(key="mem_preset").set_value("jamba-v0.1").run()
+    assert "Fixed state, whole batch" in metrics(at)
 
     # a Step-through run in the same browser session: its live cache is weighed too
     run = kvviz.Session(kvviz.load_model(str(tiny_checkpoint)), "It is a truth", 3, parity=False, stop_at_eos=False)
@@ -98,27 +128,42 @@ def test_cost_page_measures_on_first_visit_and_reruns_on_the_button(tiny_checkpo
     assert len(charts(at)) == 4
 
 
-def test_paged_page_simulates_animates_and_refuses_huge_budgets(tiny_checkpoint):
-    at = open_page(tiny_checkpoint, "paged.py")
-    assert errors(at) == []
-    results = at.session_state["paged_results"]
-    assert set(results) == {"contiguous", "paged", "prefix"}
-    assert results["prefix"].bytes_per_token == 2 * 2 * 2 * 16 * 2  # tiny Llama: 2 layers, 2 KV heads, head_dim 16, fp16
-    m = metrics(at)
-    assert int(m["Paged + prefix sharing: fit at once"]) > int(m["Contiguous, reserved to max length: fit at once"])
-    figs = charts(at)
-    assert len(figs) == 3
-    table = figs[2]
-    assert len(table["frames"]) >= 10 and table["layout"]["sliders"][0]["steps"]
-    assert [t["type"] for t in table["data"]] == ["heatmap"] * 3
-    shared_cells = [sum("×" in cell for row in f["data"][2]["text"] for cell in row) for f in table["frames"]]
-    assert max(shared_cells) >= 256 // 16  # the system prompt's 16 blocks, stored once and shared
-    last = [cell for row in table["frames"][-1]["data"][2]["text"] for cell in row]
-    assert shared_cells[-1] == 0 and last.count("c") >= 16  # all done: the prefix stays cached, unowned
+def test_paged_page_poses_an_incident_and_compares_before_and_after(tiny_checkpoint):
+    from kvviz.economics.paged import SCENARIOS
 
-    which = at.selectbox(key="paged_model").value
-    budget = next(n for n in at.number_input if n.key.startswith("paged_budget_"))
-    budget.set_value(budget.value * 1000)
-    next(b for b in at.button if "Simulate" in b.label).click().run()
-    assert any("at most 4,096" in e for e in errors(at))
-    assert at.session_state["paged_results"] is results and which
+    at = open_page(tiny_checkpoint, "paged.py")
+    at.run(timeout=180)
+    assert errors(at) == []
+    key = at.selectbox(key="paged_scenario").value
+    sc = SCENARIOS[key]
+    assert any(sc.question in i.value for i in at.info)
+    results = at.session_state["paged_results"]
+    assert set(results) == {"before", "after"}
+    assert results["before"].server == results["after"].server == sc.before  # after starts at the incident
+    assert results["before"].bytes_per_token == 131_072  # Llama-3-8B fp16, the default preset
+    assert {m.label for m in at.metric} == set(sc.watch)
+    figs = charts(at)
+    assert len(figs) == 4  # over time, TTFT, where memory goes, the block table
+    assert len(figs[3]["frames"]) >= 10 and figs[3]["layout"]["sliders"][0]["steps"]
+    assert [t["type"] for t in figs[3]["data"]] == ["heatmap"] * 2
+    assert "simulated time" in figs[0]["layout"]["xaxis3"]["title"]["text"]
+
+    next(b for b in at.button if b.label == "Show a fix").click().run(timeout=180)
+    assert errors(at) == []
+    after = at.session_state["paged_results"]["after"]
+    assert after.server == sc.fix and at.session_state["paged_results"]["before"].server == sc.before
+    assert any(sc.why in s.value for s in at.success)  # the explanation, once the fix is shown
+    watched = {m.label: m for m in at.metric}
+    first = sc.watch[0]
+    assert "before:" in watched[first].help
+
+    at.selectbox(key="paged_scenario").set_value("mixed_prompts").run(timeout=180)
+    assert errors(at) == []
+    assert at.session_state["paged_results"]["before"].server == SCENARIOS["mixed_prompts"].before
+    assert any("animation draws memories of up to 512 blocks" in i.value for i in at.info)  # 60,000 tokens / 16
+    assert len(charts(at)) == 3
+
+    at.selectbox(key="paged_scenario").set_value("fragmentation").run(timeout=180)
+    at.number_input(key="paged_fragmentation_budget").set_value(16).run(timeout=180)
+    at.selectbox(key="paged_fragmentation_block").set_value(256).run(timeout=180)  # 16 tokens < one block
+    assert any("smaller than one block" in e for e in errors(at))
