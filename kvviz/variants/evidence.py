@@ -14,8 +14,8 @@ Per step and layer:
   in different heads);
 - the attention diff (slot-aligned |Δweight|), the cache lengths, the first layer whose rows differ.
 
-`detected` is true when logits differ beyond a stated tolerance or any cache row differs from the
-exact one; the tolerances (`Tolerance.for_dtype`) sit far above float32 noise (identical runs are
+`detected` is true when logits or attention weights differ beyond a stated tolerance or any cache row
+differs from the exact one; the tolerances (`Tolerance.for_dtype`) sit far above float32 noise (identical runs are
 bitwise equal on CPU; reordered kernels differ by ~1e-6) and far below any real bug's effect.
 
 Also here, for the step page's Cache control: the attention each cached token has received so far
@@ -300,7 +300,8 @@ def compare(clean: Run, buggy: Run, free: Trace | None, *, bug: str = "none", ti
 
     logit_steps = np.flatnonzero(dlogit > tol.logit)
     kv_steps = [s for s in range(n_steps) if any(d.differs for d in kv[s])]
-    candidates = ([int(logit_steps[0])] if len(logit_steps) else []) + kv_steps[:1]
+    attn_steps = np.flatnonzero((attn > tol.attention).any(axis=1))  # e.g. an unmasked last layer: logits unmoved
+    candidates = [int(x[0]) for x in (logit_steps, attn_steps) if len(x)] + kv_steps[:1]
     first_step = min(candidates) if candidates else None
     kv_layers = [layer for layer in range(n_layers) if any(kv[s][layer].differs for s in range(n_steps))]
     attn_layers = np.flatnonzero((attn > tol.attention).any(axis=0))

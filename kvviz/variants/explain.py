@@ -65,17 +65,19 @@ def head_mapping(e: Evidence) -> list[Finding]:
 
 
 def prefill_mask(e: Evidence) -> list[Finding]:
-    w = e.buggy.trace.steps[0].layers[0].weights  # (num_heads, P, P) for a prefill over the prompt
-    if w.shape[-1] != w.shape[-2] or w.shape[-1] < 2:
-        return []
-    upper = np.triu(np.ones(w.shape[1:], dtype=bool), k=1)
-    above = float(w[:, upper].sum() / w.sum())
-    if above <= e.tolerance.attention:
-        return []
-    return [Finding("prefill_mask", (
-        f"In prefill, {above:.0%} of layer 0's attention falls above the diagonal: prompt tokens attend to tokens "
-        "after them. The exact run has none there. The causal mask is missing."
-    ))]
+    """Attention above the diagonal at prefill, in the first layer that has any."""
+    for layer, rec in enumerate(e.buggy.trace.steps[0].layers):
+        w = rec.weights  # (num_heads, P, P) for a prefill over the prompt
+        if w.shape[-1] != w.shape[-2] or w.shape[-1] < 2:
+            return []
+        upper = np.triu(np.ones(w.shape[1:], dtype=bool), k=1)
+        above = float(w[:, upper].sum() / w.sum())
+        if above > e.tolerance.attention:
+            return [Finding("prefill_mask", (
+                f"In prefill, {above:.0%} of layer {layer}'s attention falls above the diagonal: prompt tokens attend "
+                "to tokens after them. The exact run has none there. The causal mask is missing."
+            ))]
+    return []
 
 
 def _lengths(e: Evidence, layer: int) -> tuple[list[int], list[int]]:
