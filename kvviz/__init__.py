@@ -9,7 +9,7 @@ The package, bottom up (each layer imports only those before it):
 
     geometry.py   the shape and bytes of a KV cache, from a config: pure arithmetic
     engine/       the real model and its exact cache: load, capture, cache, decode, trace
-    variants/     caches that differ from the exact one (bugs today), and the evidence that tells them apart
+    variants/     caches that differ from the exact one (bugs, eviction, quantization) and the evidence
     economics/    what caching costs and saves: memory per token, cache vs recompute, paged serving
     figures/      Plotly builders: arrays and records in, go.Figure out (no torch, no Streamlit)
     api.py        Session and trace taking a variant by name (the engine takes only objects)
@@ -43,12 +43,12 @@ _EXPORTS = {
     "TokenProb": "kvviz.engine.trace",
     "ModelInfo": "kvviz.engine.trace",
     "KVGeometry": "kvviz.geometry",
-    "CacheBug": "kvviz.variants.bugs",
-    "catalogue": "kvviz.variants.bugs",
-    "get_bug": "kvviz.variants.bugs",
+    "Variant": "kvviz.variants.registry",
+    "catalogue": "kvviz.variants.registry",
+    "get_variant": "kvviz.variants.registry",
+    "PairedSession": "kvviz.variants.paired",
 }
 __all__ = [
-    "CacheBug",
     "InputError",
     "KVGeometry",
     "LayerStep",
@@ -56,14 +56,16 @@ __all__ = [
     "LoadedModel",
     "ModelInfo",
     "ModelLoadError",
+    "PairedSession",
     "Sampling",
     "Session",
     "Step",
     "TokenProb",
     "Trace",
+    "Variant",
     "catalogue",
     "from_model",
-    "get_bug",
+    "get_variant",
     "load_model",
     "trace",
 ]
@@ -76,7 +78,8 @@ if TYPE_CHECKING:
     from kvviz.engine.session import InputError, Limits
     from kvviz.engine.trace import LayerStep, ModelInfo, Step, TokenProb, Trace
     from kvviz.geometry import KVGeometry
-    from kvviz.variants.bugs import CacheBug, catalogue, get_bug
+    from kvviz.variants.paired import PairedSession
+    from kvviz.variants.registry import Variant, catalogue, get_variant
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
-"""The public entry points that take a cache variant by name ("stale_cache").
+"""The public entry points that take a cache variant by name ("stale_cache", "h2o", "int4_cache").
 
 The engine knows only the variant interface (`kvviz.engine.variant`); names are looked up in the
-catalogue (`kvviz.variants`) here, at the top, so the engine never imports the catalogue.
+registry (`kvviz.variants.registry`) here, at the top, so the engine never imports the registry.
 """
 
 from __future__ import annotations
@@ -12,18 +12,24 @@ from kvviz.engine import session as engine
 from kvviz.engine.models import LoadedModel
 from kvviz.engine.trace import Trace
 from kvviz.engine.variant import CacheVariant
-from kvviz.variants.bugs import get_bug
+from kvviz.variants.paired import PairedSession
+from kvviz.variants.registry import get_variant
+
+__all__ = ["PairedSession", "Session", "trace"]
 
 
 class Session(engine.Session):
-    """`kvviz.engine.session.Session` whose `bug` may also be a catalogue name (or "none")."""
+    """`kvviz.engine.session.Session` whose `bug` may also be a registry name (or "none"), with `params`.
+
+        kvviz.Session(lm, prompt, 16, bug="h2o", params={"budget": 32})
+    """
 
     def __init__(self, lm: LoadedModel, prompt: str, max_new_tokens: int = 16, *,
-                 bug: str | CacheVariant | None = None, **kwargs: Any) -> None:
-        super().__init__(lm, prompt, max_new_tokens, bug=get_bug(bug), **kwargs)
+                 bug: str | CacheVariant | None = None, params: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(lm, prompt, max_new_tokens, bug=get_variant(bug, **(params or {})), **kwargs)
 
 
 def trace(lm: LoadedModel, prompt: str, steps: int = 16, *, bug: str | CacheVariant | None = None,
-          **kwargs: Any) -> Trace:
+          params: dict[str, Any] | None = None, **kwargs: Any) -> Trace:
     """Run prefill + decode for `steps` new tokens and return the whole recorded Trace."""
-    return Session(lm, prompt, steps, bug=bug, **kwargs).run()
+    return Session(lm, prompt, steps, bug=bug, params=params, **kwargs).run()

@@ -355,6 +355,19 @@ def dtype_bytes(dtype: str) -> float:
     return DTYPE_BYTES[normalize_dtype(dtype)]
 
 
+def quantized_bytes_per_element(bits: int, group_size: int, scale_bytes: float = 2, zero_point: bool = False) -> float:
+    """Bytes per cached element of a block-quantised format, its scales included.
+
+    Each group of `group_size` values stores `bits` per value plus one scale of `scale_bytes` (and,
+    when asymmetric, a zero point / minimum of the same size):
+        bits / 8 + scale_bytes * (2 if zero_point else 1) / group_size
+    llama.cpp: q8_0 (8, 32) -> 1.0625 B (8.5 bits), q4_0 (4, 32) -> 0.5625 B (4.5 bits).
+    """
+    if bits < 1 or group_size < 1:
+        raise ValueError(f"bits and group size must be positive, got bits={bits}, group_size={group_size}")
+    return bits / 8 + scale_bytes * (2 if zero_point else 1) / group_size
+
+
 def normalize_dtype(dtype: str) -> str:
     key = str(dtype).replace("torch.", "").strip().lower()
     key = DTYPE_ALIASES.get(key, key)

@@ -21,7 +21,7 @@ ALLOWED = {
     "engine": {"geometry"},
     "variants": {"engine", "geometry"},
     "economics": {"engine", "geometry"},
-    "figures": {"engine", "economics", "geometry"},
+    "figures": {"engine", "economics", "geometry", "variants"},  # variants: its torch-free evidence (light test below)
     "api": {"engine", "variants"},
 }
 
@@ -58,7 +58,8 @@ def test_imports_run_one_way():
 
 
 @pytest.mark.parametrize("module", ["kvviz", "kvviz.geometry", "kvviz.engine.trace", "kvviz.figures.step",
-                                    "kvviz.figures.bugs", "kvviz.figures.cost", "kvviz.figures.memory",
+                                    "kvviz.figures.variants", "kvviz.variants.evidence",
+                                    "kvviz.variants.explain", "kvviz.figures.cost", "kvviz.figures.memory",
                                     "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged"])
 def test_light_modules_import_without_torch_or_transformers(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules))"

@@ -1,8 +1,10 @@
 """`python -m kvviz ...`: the command line.
 
     trace     run a model step by step and print the recorded trace (table or --json)
-    bugs      the catalogue of injectable cache bugs
-    diagnose  run clean and buggy side by side and say where they part
+    bugs      the registry of cache variants: bugs, eviction policies, quantised caches
+    diagnose  run the exact and a variant cache side by side and say where they part
+    evict     quality vs memory of an eviction policy (held-out text, teacher-forced)
+    quantize  quality vs memory of a quantised cache (held-out text, teacher-forced)
     memory    KV-cache bytes per token / per sequence for a config
     bench     measure capture overhead, cache speed-up and trace size
 
@@ -16,11 +18,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvviz.cli import bench, bugs, memory, trace
+from kvviz.cli import bench, bugs, memory, trace, variants
 from kvviz.cli.common import CLIError
 
 # every subcommand module, in help order: one line each, no discovery
-COMMANDS = (trace, bugs, memory, bench)
+COMMANDS = (trace, bugs, variants, memory, bench)
 
 
 def quiet_transformers() -> None:

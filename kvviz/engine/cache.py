@@ -2,9 +2,10 @@
 
 `KVVizCache` is a `DynamicCache` whose `update` is the seam kvviz needs:
 - it reports each layer's new k'/v' rows to the active recorder (see `capture.py`), and
-- it lets a variant (see `variant.py`; the catalogue is `kvviz.variants`) decide what is stored and what is attended.
+- it lets a variant (see `variant.py`; the catalogue is `kvviz.variants`) decide what is stored and what is
+  attended, and hands it the attention weights when it ranks rows by them (`observe`).
 
-Bugs never see a `DynamicLayer`: they get the stored (keys, values) tensors and return new ones;
+Variants never see a `DynamicLayer`: they get the stored (keys, values) tensors and return new ones;
 only this module reads or writes `layer.keys` / `layer.values`. Pinned to transformers 5.23
 (`tests/test_pins.py` fails loudly if the attributes relied on here move).
 
@@ -13,6 +14,7 @@ Shapes: key/value states are (batch, num_key_value_heads, seq_len, head_dim).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,28 +22,43 @@ import torch
 from transformers import DynamicCache
 
 from kvviz.engine import capture
+from kvviz.engine.variant import LayerCall
 from kvviz.geometry import kv_geometry
 
 if TYPE_CHECKING:
     from kvviz.engine.models import LoadedModel
-    from kvviz.engine.variant import CacheVariant
+    from kvviz.engine.variant import CacheVariant, Rope
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class KVVizCache(DynamicCache):
-    """A DynamicCache that records its updates and can carry an injected bug.
+    """A DynamicCache that records its updates and can carry a cache variant (an injected bug, an
+    eviction policy, a quantised store: see `variant.py`).
 
-    One instance per session/run: `step` is set by the session before each forward so a bug can
-    start at a chosen step, and `bug_state` holds a bug's per-layer memory (e.g. the previous
-    step's rows for an off-by-one append).
+    One instance per session/run. Before each forward the session calls `begin_step` so a variant
+    knows the step (it may start at a chosen one), which text tokens the new rows are and at which
+    positions they were fed; `bug_state` holds a variant's per-layer memory (e.g. the previous step's
+    rows for an off-by-one append, the attention an eviction policy ranks rows by).
     """
 
-    def __init__(self, config: Any, bug: CacheVariant | None = None) -> None:
+    def __init__(self, config: Any, bug: CacheVariant | None = None, rope: Rope | None = None) -> None:
         super().__init__(config=config)
         self.bug = bug
+        self.rope = rope
         self.step = 0
+        self.token_index: torch.Tensor | None = None  # (q_len,) text index of this step's new rows
+        self.positions: torch.Tensor | None = None  # (q_len,) their position ids
         self.bug_state: dict[int, dict[str, Any]] = {}
+
+    def begin_step(self, step: int, token_index: torch.Tensor, positions: torch.Tensor) -> None:
+        """Called by the session before each forward: token_index and positions are (q_len,)."""
+        self.step, self.token_index, self.positions = step, token_index, positions
+
+    def call(self, layer_idx: int) -> LayerCall:
+        """What a variant hook is told about this layer in this step."""
+        return LayerCall(layer_idx, self.step, self.bug_state.setdefault(layer_idx, {}), self.token_index,
+                         self.positions, self.rope)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -57,10 +74,14 @@ class KVVizCache(DynamicCache):
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         stored = (layer.keys, layer.values) if layer.get_seq_length() > 0 else None
-        state = self.bug_state.setdefault(layer_idx, {})
-        (keep_k, keep_v), attended = bug.update(stored, (key_states, value_states), layer_idx, self.step, state)
+        (keep_k, keep_v), attended = bug.update(stored, (key_states, value_states), self.call(layer_idx))
         layer.keys, layer.values = keep_k, keep_v
         return attended
+
+    def observe(self, layer_idx: int, weights: torch.Tensor) -> None:
+        """Hand one layer's attention weights (batch, num_heads, q_len, kv_len) to a variant that ranks rows."""
+        if self.bug is not None and self.bug.observes and self.bug.in_layer(layer_idx):
+            self.bug.observe(weights, self.call(layer_idx))
 
     def layer_kv(self, layer_idx: int) -> KV | None:
         """The stored (keys, values) of one layer, or None before its first update."""
@@ -70,7 +91,7 @@ class KVVizCache(DynamicCache):
         return layer.keys, layer.values
 
     def seq_lengths(self) -> list[int]:
-        """Cached positions per layer (they differ only under some bugs)."""
+        """Cached positions per layer (they differ only under some variants)."""
         return [layer.get_seq_length() for layer in self.layers]
 
     def nbytes(self) -> int:
@@ -82,11 +103,11 @@ class KVVizCache(DynamicCache):
                 total += kv[0].numel() * kv[0].element_size() + kv[1].numel() * kv[1].element_size()
         return total
 
-    def load_rows(self, other: KVVizCache) -> None:
-        """Copy another cache's stored rows into this one (used to simulate a stale cache)."""
+    def load_rows(self, other: KVVizCache, layers: Container[int] | None = None) -> None:
+        """Copy another cache's stored rows into this one (used to simulate a stale cache), in `layers` (default all)."""
         for i in range(len(self.layers)):
             kv = other.layer_kv(i)
-            if kv is None:
+            if kv is None or (layers is not None and i not in layers):
                 continue
             layer = self.layers[i]
             if not layer.is_initialized:

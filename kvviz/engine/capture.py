@@ -9,7 +9,8 @@ kvviz registers one such function, "kvviz", together with the matching mask func
 registered mask the model builds no mask for an unknown name and prefill is silently not causal.
 
 Recording is per call, never global: the session sets a `StepRecorder` in a `ContextVar` for the
-duration of one forward. Two browser sessions stepping on one shared model run in different
+duration of one forward (with `capture=False` it copies nothing but still routes the variant hooks:
+a scoring run that keeps only logits). Two browser sessions stepping on one shared model run in different
 threads (different contexts) and each sees only its own recorder. With no recorder set the
 function is plain SDPA, so the same model object serves recompute and benchmarks unrecorded.
 """
@@ -48,11 +49,15 @@ class StepRecorder:
 
     step: int
     bug: CacheVariant | None = None
-    keep_attended: bool = False  # also copy the K/V actually attended (needed when a bug rewrites history)
+    keep_attended: bool = False  # also copy the K/V actually attended (needed when a variant rewrites history)
+    capture: bool = True  # False: copy nothing (a scoring run that keeps only logits); the variant hooks still run
+    cache: Any = None  # the session's KVVizCache: receives the weights for a variant that ranks rows (`observe`)
     new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def record_new_kv(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.capture:
+            return
         # (batch, num_key_value_heads, q_len, head_dim) -> (num_key_value_heads, q_len, head_dim)
         self.new_kv[layer_idx] = (to_numpy(key_states[0]), to_numpy(value_states[0]))
 
@@ -66,6 +71,8 @@ class StepRecorder:
         key: torch.Tensor,
         value: torch.Tensor,
     ) -> None:
+        if not self.capture:
+            return
         scores_np = to_numpy(scores[0], copy=False)  # (num_heads, q_len, kv_len)
         # the mask adds dtype-min, not -inf; store masked entries as -inf so they read as "not visible"
         scores_np[scores_np < -1e30] = -np.inf
@@ -187,6 +194,8 @@ def kvviz_attention(
         output = torch.matmul(weights, value[:, kv_head_of])  # (batch, num_heads, q_len, head_dim)
     output = output.transpose(1, 2).contiguous()  # (batch, q_len, num_heads, head_dim)
 
+    if recorder.cache is not None and bug is not None and bug.observes:
+        recorder.cache.observe(layer_idx, weights)  # e.g. H2O accumulates the attention each row receives
     recorder.record_attention(layer_idx, query, scores, weights, kv_head_of, key, value)
     return output, weights
 

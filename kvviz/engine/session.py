@@ -27,7 +27,7 @@ from kvviz.engine.models import LoadedModel
 from kvviz.engine.sampling import Sampling, choose, new_generator
 from kvviz.engine.timing import timed
 from kvviz.engine.trace import LayerStep, Step, TokenProb, Trace
-from kvviz.engine.variant import CacheVariant
+from kvviz.engine.variant import CacheVariant, Rope
 
 
 class InputError(ValueError):
@@ -76,12 +76,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
-def encode_prompt(lm: LoadedModel, prompt: str, limits: Limits | None = None) -> list[int]:
-    """Token ids of a prompt, refusing empty or over-long prompts with a clear message."""
+def encode_prompt(lm: LoadedModel, prompt: str | Sequence[int], limits: Limits | None = None) -> list[int]:
+    """Token ids of a prompt (text, or ids already), refusing empty or over-long prompts with a clear message."""
     limits = Limits() if limits is None else limits
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str):
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if i < 0 or 0 < lm.info.vocab_size <= i]
+        if bad:
+            raise InputError(f"token id(s) {bad[:5]} outside the model's vocabulary of {lm.info.vocab_size}")
+    elif not prompt.strip():
         raise InputError("the prompt is empty: type some text to start from")
-    ids = list(lm.tokenizer(prompt)["input_ids"])
+    else:
+        ids = list(lm.tokenizer(prompt)["input_ids"])
     if not ids:
         raise InputError("the prompt produced no tokens: type some text to start from")
     cap = min(limits.max_prompt_tokens, lm.info.context_length - 1)
@@ -113,7 +119,7 @@ class Session:
     def __init__(
         self,
         lm: LoadedModel,
-        prompt: str,
+        prompt: str | Sequence[int],
         max_new_tokens: int = 16,
         *,
         bug: CacheVariant | None = None,
@@ -123,23 +129,30 @@ class Session:
         stop_at_eos: bool = True,
         forced_ids: Sequence[int] | None = None,
         keep_logits: bool = False,
+        record: bool = True,
     ) -> None:
-        """`forced_ids`: feed these tokens instead of the session's own choices (teacher forcing; the
-        choices are still recorded in each Step), e.g. to run a buggy cache on a clean run's tokens.
-        `keep_logits`: keep each step's last-position logits in `Step.logits` (vocab floats per step)."""
+        """`prompt`: text, or token ids already (e.g. a passage of a corpus, fed as it was tokenized).
+        `bug`: any cache variant (an injected bug, an eviction policy, a quantised cache; see variant.py).
+        `forced_ids`: feed these tokens instead of the session's own choices (teacher forcing; the
+        choices are still recorded in each Step), e.g. to run a buggy cache on a clean run's tokens;
+        `force_next` does the same one step at a time.
+        `keep_logits`: keep each step's last-position logits in `Step.logits` (vocab floats per step).
+        `record=False`: record no arrays (each Step has no layers): a scoring run that needs only logits."""
         self.lm = lm
-        self.prompt = prompt
         self.limits = limits = Limits() if limits is None else limits
         self.prompt_ids = encode_prompt(lm, prompt, limits)
+        self.prompt = prompt if isinstance(prompt, str) else lm.tokenizer.decode(self.prompt_ids)
         check_steps(lm, len(self.prompt_ids), max_new_tokens, limits)
         self.max_new_tokens = max_new_tokens
         if forced_ids is not None and len(forced_ids) < max_new_tokens:
             raise InputError(f"{len(forced_ids)} forced tokens for {max_new_tokens} steps: give one per step")
         self.forced_ids = None if forced_ids is None else list(forced_ids)
         self.keep_logits = keep_logits
+        self.record = record
         if bug is not None and not isinstance(bug, CacheVariant):
-            raise TypeError(f"bug must be a CacheVariant or None, got {bug!r}: look names up with kvviz.get_bug")
+            raise TypeError(f"bug must be a CacheVariant or None, got {bug!r}: look names up with kvviz.get_variant")
         self.bug = bug
+        self.rope = Rope.of(lm.model)  # for a variant that moves keys to new positions (StreamingLLM)
         self.sampling = sampling or Sampling()
         self.parity = parity
         self.stop_at_eos = stop_at_eos
@@ -167,12 +180,12 @@ class Session:
             input_ids = list(self.prompt_ids)
         else:
             input_ids = [self.ids[-1]]
-            if self.bug is not None and self.bug.fresh_cache_each_step and self.bug.active(0, n):
-                self.cache = self._new_cache()
-        start = len(self.ids) - len(input_ids)  # position of the first fed token
-        positions = torch.arange(start, start + len(input_ids)).unsqueeze(0)  # (1, q_len)
-        if self.bug is not None and self.bug.start_step <= n:
-            positions = self.bug.positions(positions, n)
+        start = len(self.ids) - len(input_ids)  # text index of the first fed token
+        token_index = torch.arange(start, start + len(input_ids))  # (q_len,)
+        positions = token_index.unsqueeze(0)  # (1, q_len): the exact cache feeds token i at position i
+        if self.bug is not None and self.bug.active(None, n):  # position ids are shared by every layer
+            positions = self.bug.positions(positions, n, self.cache.seq_lengths()[0])
+        self.cache.begin_step(n, token_index, positions[0])
         try:
             record = self._forward(n, input_ids, positions)
         except (RuntimeError, MemoryError) as e:
@@ -200,6 +213,13 @@ class Session:
             self.stopped_reason = f"the recorded trace reached its cap of {self.limits.max_trace_bytes // 2**20} MiB"
         return record
 
+    def force_next(self, token_id: int) -> None:
+        """Feed `token_id` at the next step instead of this session's own choice (teacher forcing one
+        step at a time, e.g. a variant cache fed the tokens an exact run chooses as it goes)."""
+        if not self.steps or self.done:
+            raise InputError("force_next needs a step taken and generation not over")
+        self.ids[-1] = int(token_id)
+
     def run(self) -> Trace:
         while not self.done:
             self.step()
@@ -224,7 +244,7 @@ class Session:
 
     # -- internals --------------------------------------------------------------------------
     def _new_cache(self) -> KVVizCache:
-        return KVVizCache(config=self.lm.model.config, bug=self.bug)
+        return KVVizCache(config=self.lm.model.config, bug=self.bug, rope=self.rope)
 
     def _eos_ids(self) -> list[int]:
         eos = self.lm.tokenizer.eos_token_id
@@ -246,19 +266,20 @@ class Session:
         return text
 
     def _run_stale_prefix(self) -> None:
-        """A bug that leaks the previous request's cache: fill it with that request first."""
-        if self.bug is None or not self.bug.stale_prompt:
+        """A bug that leaks the previous request's cache: fill it (in the bug's layers) with that request first."""
+        bug = self.bug
+        if bug is None or not bug.stale_prompt:
             return
-        stale_ids = list(self.lm.tokenizer(self.bug.stale_prompt)["input_ids"])
+        stale_ids = list(self.lm.tokenizer(bug.stale_prompt)["input_ids"])
         previous = KVVizCache(config=self.lm.model.config)
         with torch.inference_mode():
             self.lm.model(input_ids=torch.tensor([stale_ids], device=self.lm.device), past_key_values=previous, use_cache=True)
-        self.cache.load_rows(previous)
+        self.cache.load_rows(previous, [i for i in range(self.lm.info.num_layers) if bug.active(i, 0)])
 
     def _forward(self, n: int, input_ids: list[int], positions: torch.Tensor) -> Step:
         model, device = self.lm.model, self.lm.device
-        recorder = capture.StepRecorder(step=n, bug=self.bug, keep_attended=self.bug is not None)
-        self.cache.step = n
+        recorder = capture.StepRecorder(step=n, bug=self.bug, keep_attended=self.bug is not None,
+                                        capture=self.record, cache=self.cache)
         ids_t = torch.tensor([input_ids], device=device)  # (1, q_len)
         with torch.inference_mode(), capture.recording(recorder):
             time_ms, out = timed(
@@ -286,7 +307,7 @@ class Session:
         top_k = tuple(TokenProb(int(i), self._token_str(int(i)), float(q)) for q, i in zip(p.tolist(), idx.tolist()))
 
         layers = []
-        for i in range(self.lm.info.num_layers):
+        for i in range(self.lm.info.num_layers if self.record else 0):
             k_new, v_new = recorder.new_kv[i]
             att: dict[str, Any] = recorder.attention[i]
             layers.append(

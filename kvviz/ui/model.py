@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
 from kvviz.engine.models import SUGGESTED_MODELS, LoadedModel, ModelLoadError, allowed_models, load_model, pick_device
@@ -17,7 +19,22 @@ from kvviz.ui import state
 @st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=3)
 def get_model(name: str) -> LoadedModel:
     """The process-wide shared model for `name` (errors are not cached, so a retry reloads)."""
+    set_torch_threads()
     return load_model(name)
+
+
+def set_torch_threads() -> None:
+    """CPU threads per forward for the whole server: KVVIZ_TORCH_THREADS, default 1.
+
+    A batch-1 decode step of a small model is too short to split across threads: on this 2-core
+    machine under load, changing the Bug lab's variant took 5-10 s with torch's default 2 threads
+    and ~2 s with 1 (each session's forwards also run in their own server threads)."""
+    import torch
+
+    raw = os.environ.get("KVVIZ_TORCH_THREADS", "").strip()
+    threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def current_model() -> LoadedModel:

@@ -33,6 +33,7 @@ def _defaults() -> dict[str, Any]:
         # -- Bug lab -------------------------------------------------------------------------------
         "lab_settings": None,  # the LabSettings the shown diagnosis was made from
         "lab_diag": None,  # the kvviz.variants.diagnose.Diagnosis on screen
+        "lab_clean": None,  # (key, Run): the exact run, reused while only the variant or its scope changes
         "lab_view": 0,  # the shown step (0 = prefill)
         "lab_playing": False,
         "lab_last_tick": 0.0,

@@ -1,12 +1,8 @@
-"""The catalogue of injected KV-cache bugs: one registry, one source of truth.
+"""The bugs: caches broken by accident, each modelled on a real project's bug (kind "bug").
 
-A bug is a `kvviz.engine.variant.CacheVariant` (the hooks the engine calls at its seams) with
-catalogue fields: what it is, what you see, what real bug it is modelled on.
-
-Every entry is modelled on a class of bug that happened in a real project; `source` names the
-issue or pull request (owner/repo#number) and `source_urls` links it. One entry, `int8_cache`, is
-not a bug but a trade-off (`kind = "tradeoff"`): a quantised cache that is wrong by design, by a
-measurable amount.
+Each entry is a `kvviz.variants.registry.Variant`: the hooks it overrides (see
+`kvviz.engine.variant`) and what a learner reads about it. `source` names the issue or pull
+request (owner/repo#number) and `source_urls` links it.
 
 Shapes: key/value states are (batch, num_key_value_heads, seq_len, head_dim).
 """
@@ -14,67 +10,15 @@ Shapes: key/value states are (batch, num_key_value_heads, seq_len, head_dim).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from kvviz.engine.variant import KV, CacheVariant
+from kvviz.engine.variant import KV, LayerCall
+from kvviz.geometry import KVGeometry
+from kvviz.variants.registry import REGISTRY, Variant, register
 
-# Which piece of evidence (see `diagnose.py`) identifies a bug: the clue Mystery mode reveals.
-CLUES = ("lengths", "shifted_rows", "extra_rows", "positions", "swapped", "kv_head_of", "prefill_mask",
-         "quantisation")
-
-
-@dataclass(frozen=True)
-class CacheBug(CacheVariant):
-    """A catalogued variant: the hooks (see `kvviz.engine.variant`) plus what a learner reads about it."""
-
-    name: ClassVar[str] = "none"
-    title: ClassVar[str] = "Correct cache"
-    description: ClassVar[str] = "K <- [K; k'], V <- [V; v'] at every step, positions advance."
-    corrupts: ClassVar[str] = "nothing"
-    symptom: ClassVar[str] = "none: cached logits equal a full recompute"
-    source: ClassVar[str] = ""
-    source_urls: ClassVar[tuple[str, ...]] = ()
-    kind: ClassVar[str] = "bug"  # "bug", or "tradeoff" for an approximation that is wrong by design
-    clue: ClassVar[str] = ""  # one of CLUES: the evidence that gives this bug away
-
-    @classmethod
-    def info(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "title": cls.title,
-            "kind": cls.kind,
-            "description": cls.description,
-            "corrupts": cls.corrupts,
-            "symptom": cls.symptom,
-            "source": cls.source,
-            "source_urls": list(cls.source_urls),
-            "clue": cls.clue,
-        }
-
-
-REGISTRY: dict[str, type[CacheBug]] = {}
-
-
-def register(cls: type[CacheBug]) -> type[CacheBug]:
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_bug(name: str | CacheBug | None) -> CacheBug | None:
-    """A bug instance by name; None or "none" = the correct cache. Unknown names raise ValueError."""
-    if name is None or isinstance(name, CacheBug):
-        return name
-    if name == "none":
-        return None
-    if name not in REGISTRY:
-        raise ValueError(f"unknown bug {name!r}; choose one of: none, {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]()
-
-
-def catalogue() -> list[dict[str, Any]]:
-    return [cls.info() for cls in REGISTRY.values()]
+__all__ = ["REGISTRY"]  # the whole registry (every kind), kept importable from here
 
 
 def _cat(stored: KV, new: KV) -> KV:
@@ -84,7 +28,7 @@ def _cat(stored: KV, new: KV) -> KV:
 # -- the catalogue ---------------------------------------------------------------------------------
 @register
 @dataclass(frozen=True)
-class NeverAppend(CacheBug):
+class NeverAppend(Variant):
     name: ClassVar[str] = "never_append"
     title: ClassVar[str] = "New rows never appended"
     description: ClassVar[str] = (
@@ -101,7 +45,7 @@ class NeverAppend(CacheBug):
     source_urls: ClassVar[tuple[str, ...]] = ("https://github.com/sgl-project/sglang/issues/30093",)
     clue: ClassVar[str] = "lengths"
 
-    def update(self, stored: KV | None, new: KV, layer_idx: int, step: int, state: dict[str, Any]) -> tuple[KV, KV]:
+    def update(self, stored: KV | None, new: KV, call: LayerCall) -> tuple[KV, KV]:
         if stored is None:
             return new, new  # prefill still fills the cache
         return stored, _cat(stored, new)
@@ -109,7 +53,7 @@ class NeverAppend(CacheBug):
 
 @register
 @dataclass(frozen=True)
-class OverwriteLast(CacheBug):
+class OverwriteLast(Variant):
     name: ClassVar[str] = "overwrite_last"
     title: ClassVar[str] = "Full cache overwrites its newest slot"
     description: ClassVar[str] = (
@@ -131,7 +75,7 @@ class OverwriteLast(CacheBug):
     )
     clue: ClassVar[str] = "shifted_rows"
 
-    def update(self, stored: KV | None, new: KV, layer_idx: int, step: int, state: dict[str, Any]) -> tuple[KV, KV]:
+    def update(self, stored: KV | None, new: KV, call: LayerCall) -> tuple[KV, KV]:
         if stored is None:
             return new, new
         # (batch, kv_heads, seq, head_dim): drop the last stored row, the new one takes its slot
@@ -141,7 +85,7 @@ class OverwriteLast(CacheBug):
 
 @register
 @dataclass(frozen=True)
-class OffByOne(CacheBug):
+class OffByOne(Variant):
     name: ClassVar[str] = "off_by_one"
     title: ClassVar[str] = "Off by one: appends the previous step's row"
     description: ClassVar[str] = (
@@ -150,8 +94,9 @@ class OffByOne(CacheBug):
     )
     corrupts: ClassVar[str] = "every generated row (it holds the token before it); the newest token never sees itself"
     symptom: ClassVar[str] = (
-        "cache length is right but every row from the first decode step on is the previous token's; "
-        "text drifts within a few tokens"
+        "cache length is right but every row from the first decode step on is the previous token's; logits "
+        "differ from step 1 on, yet the chosen tokens may stay the same for many steps (a small shift rarely "
+        "moves the top token)"
     )
     source: ClassVar[str] = (
         "microsoft/onnxruntime-genai#2354: decode wrote the new K/V one position too far, leaving a stale slot "
@@ -160,10 +105,10 @@ class OffByOne(CacheBug):
     source_urls: ClassVar[tuple[str, ...]] = ("https://github.com/microsoft/onnxruntime-genai/pull/2354",)
     clue: ClassVar[str] = "shifted_rows"
 
-    def update(self, stored: KV | None, new: KV, layer_idx: int, step: int, state: dict[str, Any]) -> tuple[KV, KV]:
+    def update(self, stored: KV | None, new: KV, call: LayerCall) -> tuple[KV, KV]:
         # the row written now is the one made one step earlier (at the first active step: the last stored)
-        late = state.get("previous")
-        state["previous"] = (new[0][..., -1:, :], new[1][..., -1:, :])
+        late = call.state.get("previous")
+        call.state["previous"] = (new[0][..., -1:, :], new[1][..., -1:, :])
         if stored is None:
             return new, new  # prefill writes its own rows
         if late is None:
@@ -174,7 +119,7 @@ class OffByOne(CacheBug):
 
 @register
 @dataclass(frozen=True)
-class PositionsNotAdvanced(CacheBug):
+class PositionsNotAdvanced(Variant):
     name: ClassVar[str] = "positions_not_advanced"
     title: ClassVar[str] = "Positions not advanced"
     description: ClassVar[str] = (
@@ -193,14 +138,20 @@ class PositionsNotAdvanced(CacheBug):
     )
     clue: ClassVar[str] = "positions"
 
-    def positions(self, positions: torch.Tensor, step: int) -> torch.Tensor:
+    scopes: ClassVar[tuple[str, ...]] = ("start_step",)
+    scope_notes: ClassVar[dict[str, str]] = {
+        "layers": "position ids are computed once per forward and shared by every layer (learned positions are "
+                  "even added before layer 0), so they cannot be wrong in one layer only",
+    }
+
+    def positions(self, positions: torch.Tensor, step: int, cached: int) -> torch.Tensor:
         # (batch, q_len): arange(q_len), ignoring how many positions are already cached
         return torch.arange(positions.shape[-1], device=positions.device).expand_as(positions)
 
 
 @register
 @dataclass(frozen=True)
-class StaleCache(CacheBug):
+class StaleCache(Variant):
     name: ClassVar[str] = "stale_cache"
     title: ClassVar[str] = "Cache not cleared between prompts"
     description: ClassVar[str] = (
@@ -219,11 +170,16 @@ class StaleCache(CacheBug):
     )
     clue: ClassVar[str] = "extra_rows"
     stale_prompt: ClassVar[str | None] = "Mr. Darcy walked into the room, looked about him, and said nothing at all."
+    scopes: ClassVar[tuple[str, ...]] = ("layers",)
+    scope_notes: ClassVar[dict[str, str]] = {
+        "start_step": "the earlier request's rows are in the cache before prefill: there is no later step at which "
+                      "the leak could begin",
+    }
 
 
 @register
 @dataclass(frozen=True)
-class KVSwapped(CacheBug):
+class KVSwapped(Variant):
     name: ClassVar[str] = "kv_swapped"
     title: ClassVar[str] = "K and V swapped"
     description: ClassVar[str] = "The write puts k' into the value cache and v' into the key cache."
@@ -236,7 +192,7 @@ class KVSwapped(CacheBug):
     source_urls: ClassVar[tuple[str, ...]] = ("https://github.com/LMCache/LMCache/pull/4467",)
     clue: ClassVar[str] = "swapped"
 
-    def update(self, stored: KV | None, new: KV, layer_idx: int, step: int, state: dict[str, Any]) -> tuple[KV, KV]:
+    def update(self, stored: KV | None, new: KV, call: LayerCall) -> tuple[KV, KV]:
         swapped = (new[1], new[0])
         kept = swapped if stored is None else _cat(stored, swapped)
         return kept, kept
@@ -244,7 +200,7 @@ class KVSwapped(CacheBug):
 
 @register
 @dataclass(frozen=True)
-class WrongGQAMapping(CacheBug):
+class WrongGQAMapping(Variant):
     name: ClassVar[str] = "gqa_wrong_head"
     title: ClassVar[str] = "Query heads read the wrong KV head"
     description: ClassVar[str] = (
@@ -266,6 +222,11 @@ class WrongGQAMapping(CacheBug):
     )
     clue: ClassVar[str] = "kv_head_of"
 
+    def problem(self, geometry: KVGeometry) -> str | None:
+        if geometry.num_key_value_heads == 1:
+            return "with a single KV head (MQA) every query head reads the right one: the mapping cannot go wrong"
+        return None
+
     def kv_head_of(self, kv_head_of: torch.Tensor, num_key_value_heads: int, layer_idx: int, step: int) -> torch.Tensor:
         tiled = torch.arange(kv_head_of.shape[0], device=kv_head_of.device) % num_key_value_heads  # (num_heads,)
         if not torch.equal(tiled, kv_head_of):
@@ -275,7 +236,7 @@ class WrongGQAMapping(CacheBug):
 
 @register
 @dataclass(frozen=True)
-class FreshCacheEachStep(CacheBug):
+class FreshCacheEachStep(Variant):
     name: ClassVar[str] = "fresh_cache_each_step"
     title: ClassVar[str] = "Cache re-created at every step"
     description: ClassVar[str] = (
@@ -293,12 +254,15 @@ class FreshCacheEachStep(CacheBug):
         "https://github.com/Lightning-AI/litgpt/pull/1647",
     )
     clue: ClassVar[str] = "lengths"
-    fresh_cache_each_step: ClassVar[bool] = True
+
+    def update(self, stored: KV | None, new: KV, call: LayerCall) -> tuple[KV, KV]:
+        # prefill fills the (new) cache; every decode step finds it emptied and keeps only its own row
+        return new, new
 
 
 @register
 @dataclass(frozen=True)
-class CausalMaskLost(CacheBug):
+class CausalMaskLost(Variant):
     name: ClassVar[str] = "causal_mask_lost"
     title: ClassVar[str] = "Causal mask lost during prefill"
     description: ClassVar[str] = (
@@ -314,62 +278,11 @@ class CausalMaskLost(CacheBug):
     source_urls: ClassVar[tuple[str, ...]] = ("https://github.com/huggingface/transformers/pull/45811",)
     clue: ClassVar[str] = "prefill_mask"
 
+    scopes: ClassVar[tuple[str, ...]] = ("layers",)
+    scope_notes: ClassVar[dict[str, str]] = {
+        "start_step": "only prefill has several query rows to mask; a decode step's single query may see every "
+                      "cached key anyway, so from a later step there is nothing left to unmask",
+    }
+
     def mask(self, mask: torch.Tensor | None, q_len: int, layer_idx: int, step: int) -> torch.Tensor | None:
         return None if q_len > 1 else mask  # one decode query may see every cached key anyway
-
-
-@register
-@dataclass(frozen=True)
-class Int8Cache(CacheBug):
-    name: ClassVar[str] = "int8_cache"
-    title: ClassVar[str] = "int8 cache (trade-off, not a bug)"
-    kind: ClassVar[str] = "tradeoff"
-    description: ClassVar[str] = (
-        "K and V are stored as int8 with one absmax scale per token and head (4x smaller than float32) and "
-        "dequantised when read."
-    )
-    corrupts: ClassVar[str] = "every row, by at most half a quantisation step (max|row| / 254)"
-    symptom: ClassVar[str] = (
-        "every row differs slightly from layer 0; small KL per step; text usually unchanged for a while"
-    )
-    source: ClassVar[str] = (
-        "ggml-org/llama.cpp#7412: quantised KV cache measured as added perplexity and KL divergence; "
-        "huggingface/blog#2045 (KV cache quantization in transformers)"
-    )
-    source_urls: ClassVar[tuple[str, ...]] = (
-        "https://github.com/ggml-org/llama.cpp/pull/7412",
-        "https://github.com/huggingface/blog/pull/2045",
-    )
-    clue: ClassVar[str] = "quantisation"
-
-    @staticmethod
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        """Quantise to int8 per (token, head) with an absmax scale and back: same shape and dtype."""
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (batch, kv_heads, seq, 1)
-        return (torch.round(x / scale).clamp(-127, 127) * scale).to(x.dtype)
-
-    def update(self, stored: KV | None, new: KV, layer_idx: int, step: int, state: dict[str, Any]) -> tuple[KV, KV]:
-        q = (self.roundtrip(new[0]), self.roundtrip(new[1]))
-        kept = q if stored is None else _cat(stored, q)
-        return kept, kept
-
-
-def _links(cls: type[CacheBug]) -> str:
-    refs = []
-    for url in cls.source_urls:
-        parts = url.rstrip("/").split("/")  # https: '' github.com owner repo issues|pull N
-        refs.append(f"[{parts[3]}/{parts[4]}#{parts[6]}]({url})")
-    return ", ".join(refs)
-
-
-def markdown_table() -> str:
-    """The README's bug table, rendered from the registry (a test keeps README.md in sync)."""
-    lines = [
-        "| name | what the broken code does | what you see | modelled on |",
-        "|---|---|---|---|",
-    ]
-    for cls in REGISTRY.values():
-        name = f"`{cls.name}`" + (" (trade-off)" if cls.kind == "tradeoff" else "")
-        row = [name, cls.description, cls.symptom, _links(cls)]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
-    return "\n".join(lines)

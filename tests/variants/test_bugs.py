@@ -1,4 +1,5 @@
-"""The bug catalogue, the clean-vs-buggy diagnosis, the `bugs`/`diagnose` CLI and the Bug lab figures."""
+"""The bugs: each detected with its signature clue, the row diffs they leave, the `bugs`/`diagnose` CLI and the
+Bug lab figures. (The registry itself: test_registry.py; scoping: test_scoping.py.)"""
 
 from __future__ import annotations
 
@@ -14,58 +15,17 @@ import kvviz
 from kvviz.cli import main
 from kvviz.engine import DEFAULT_PROMPT
 from kvviz.engine.trace import Trace
-from kvviz.figures import bugs as fb
+from kvviz.figures import variants as fb
 from kvviz.testing import FAMILIES, run_cli, tiny_model
-from kvviz.variants import bugs
-from kvviz.variants.bugs import CLUES, REGISTRY
-from kvviz.variants.diagnose import DEFAULT_STEPS, EXTRA, MISSING, SAME, SHIFTED, Run, _compare, diagnose, run_clean
+from kvviz.variants import evidence
+from kvviz.variants.diagnose import DEFAULT_STEPS, Run, diagnose, run_clean
+from kvviz.variants.evidence import EXTRA, MISSING, REPOSITIONED, SAME, SHIFTED
+from kvviz.variants.registry import REGISTRY, names
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "It is a truth universally acknowledged, that"
 REF = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+#\d+$")
 URL = re.compile(r"^https://github\.com/([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/(issues|pull)/(\d+)$")
-
-
-# -- the catalogue --------------------------------------------------------------------------------
-def test_every_entry_is_documented_with_a_real_looking_source():
-    entries = kvviz.catalogue()
-    assert len([e for e in entries if e["kind"] == "bug"]) >= 8
-    assert {e["kind"] for e in entries} <= {"bug", "tradeoff"}
-    for e in entries:
-        assert re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", e["name"]), e["name"]
-        for field in ("title", "description", "corrupts", "symptom", "source"):
-            assert len(e[field].strip()) > 10, (e["name"], field)
-        assert e["clue"] in CLUES
-        assert e["source_urls"], e["name"]
-        for url in e["source_urls"]:
-            m = URL.match(url)
-            assert m, url
-            ref = f"{m[1]}/{m[2]}#{m[4]}"
-            assert REF.match(ref) and ref in e["source"], (ref, e["source"])  # the text names what it links
-    assert len({e["name"] for e in entries}) == len(entries)
-
-
-def test_get_bug_refuses_unknown_names_listing_the_choices():
-    assert kvviz.get_bug("none") is None
-    with pytest.raises(ValueError, match=r"unknown bug 'nope'.*never_append"):
-        kvviz.get_bug("nope")
-
-
-def test_readme_bug_table_matches_the_registry():
-    """README.md carries exactly `bugs.markdown_table()` between its markers (regenerate it when the registry changes)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start, end = "<!-- bugs:start -->", "<!-- bugs:end -->"
-    assert start in text and end in text, "README.md needs the bug table between <!-- bugs:start --> and <!-- bugs:end -->"
-    table = text.split(start, 1)[1].split(end, 1)[0].strip()
-    assert table == bugs.markdown_table()
-
-
-def test_markdown_table_has_one_row_per_entry_with_links():
-    rows = bugs.markdown_table().splitlines()
-    assert len(rows) == 2 + len(REGISTRY)
-    for row, cls in zip(rows[2:], REGISTRY.values()):
-        assert row.startswith(f"| `{cls.name}`") and all(url in row for url in cls.source_urls)
-        assert row.count(" | ") == 3  # four cells: no stray pipe from the texts
 
 
 # -- detection on the bundled model with the CLI defaults -----------------------------------------
@@ -74,16 +34,18 @@ def bundled_clean(bundled):
     return run_clean(bundled, DEFAULT_PROMPT, DEFAULT_STEPS)
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
-def test_every_catalogue_entry_shows_on_the_bundled_model(bundled, bundled_clean, name):
+@pytest.mark.parametrize("name", names())
+def test_every_registry_entry_shows_on_the_bundled_model(bundled, bundled_clean, name):
+    """Every variant (bugs, eviction at its default budget, quantization) is detected with its signature clue."""
     d = diagnose(bundled, name, DEFAULT_PROMPT, DEFAULT_STEPS, clean=bundled_clean, free_run=False)
     cls = REGISTRY[name]
     assert d.detected and d.first_divergence_step is not None and d.first_divergent_layer is not None
     assert any(f.kind == cls.clue for f in d.findings), [f.kind for f in d.findings]  # its signature is found
-    if cls.kind == "tradeoff":
-        assert d.text.startswith("A trade-off") and d.kl.max() < 1e-2
-    else:
+    assert d.clue_text() == next(f.text for f in d.findings if f.kind == cls.clue)
+    if cls.kind == "bug":
         assert d.max_abs_logit_diff.max() > 100 * d.tolerance.logit
+    else:
+        assert d.text.startswith("A trade-off")
 
 
 def test_the_correct_cache_is_never_flagged_on_the_bundled_model(bundled, bundled_clean):
@@ -93,6 +55,14 @@ def test_the_correct_cache_is_never_flagged_on_the_bundled_model(bundled, bundle
     assert d.text.startswith("No divergence")
 
 
+def tiny_params(name: str) -> dict:
+    """Parameters that fit the tiny models (head_dim 16) and their short runs (a 12-token prompt + 8 steps)."""
+    kind = REGISTRY[name].kind
+    if kind == "eviction":
+        return {"budget": 8, "sinks": 2} if name == "streaming_llm" else {"budget": 8}
+    return {"group": 16} if kind == "quantization" else {}
+
+
 # -- tiny models ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
@@ -100,9 +70,10 @@ def tiny():
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", names())
 def test_every_entry_is_detected_on_tiny_gqa_models(tiny, family, name):
-    d = diagnose(tiny[family], name, PROMPT, 8, free_run=False)
+    params = tiny_params(name)
+    d = diagnose(tiny[family], name, PROMPT, 8, free_run=False, **params)
     assert d.detected, d.text
     assert any(f.kind == REGISTRY[name].clue for f in d.findings)
 
@@ -139,16 +110,17 @@ def test_float_noise_is_tolerated_and_a_real_difference_is_not(tiny):
     """Guards the stated tolerance: 1e-6 perturbations (kernel noise) pass, 1e-2 ones are flagged."""
     lm = tiny["llama_gqa"]
     clean = run_clean(lm, PROMPT, 5)
-    quiet = _compare(lm, None, clean, _with_noise(clean, 1e-6), None, None, 0)
+    quiet = evidence.compare(clean, _with_noise(clean, 1e-6), None)
     assert not quiet.detected
-    loud = _compare(lm, None, clean, _with_noise(clean, 1e-2), None, None, 0)
+    loud = evidence.compare(clean, _with_noise(clean, 1e-2), None)
     assert loud.detected and loud.first_divergence_step == 0 and loud.first_divergent_layer == 0
 
 
 def test_mqa_cannot_have_a_wrong_head_mapping(tiny):
     """With one KV head every mapping is the right one: the GQA bug is honestly not detected."""
     d = diagnose(tiny["llama_mqa"], "gqa_wrong_head", PROMPT, 5, free_run=False)
-    assert not d.detected and "No divergence with `gqa_wrong_head` injected" in d.text
+    assert not d.detected and "No divergence with `gqa_wrong_head`" in d.text
+    assert REGISTRY["gqa_wrong_head"]().problem(tiny["llama_mqa"].info)  # the registry says so up front
 
 
 # -- each bug leaves the evidence it should -------------------------------------------------------
@@ -156,7 +128,8 @@ def test_mqa_cannot_have_a_wrong_head_mapping(tiny):
 def llama_diags(tiny):
     lm = tiny["llama_gqa"]
     clean = run_clean(lm, PROMPT, 8)
-    return lm, {name: diagnose(lm, name, PROMPT, 8, clean=clean, free_run=False) for name in REGISTRY}
+    return lm, {name: diagnose(lm, name, PROMPT, 8, clean=clean, free_run=False, **tiny_params(name))
+                for name in [*names("bug"), "int8_cache"]}
 
 
 def test_row_diffs_name_wrong_missing_shifted_and_extra_rows(llama_diags):
@@ -192,8 +165,10 @@ def test_row_diffs_name_wrong_missing_shifted_and_extra_rows(llama_diags):
     swapped = ds["kv_swapped"].kv[0][0]
     assert swapped.swapped_rows == p
 
-    pos = ds["positions_not_advanced"].buggy.trace
-    assert [s.positions for s in pos.steps[1:]] == [(0,)] * 7
+    pos = ds["positions_not_advanced"]
+    assert [s.positions for s in pos.buggy.trace.steps[1:]] == [(0,)] * 7
+    # layer 0: the new rows hold the right token's value, but a key rotated to position 0
+    assert (pos.kv[last][0].status[p:] == REPOSITIONED).all() and (pos.kv[last][0].status[:p] == SAME).all()
 
     gqa = ds["gqa_wrong_head"]
     assert gqa.buggy.trace.steps[0].layers[0].kv_head_of.tolist() == [0, 1, 0, 1]
@@ -204,19 +179,7 @@ def test_row_diffs_name_wrong_missing_shifted_and_extra_rows(llama_diags):
     assert w[:, 0, 1:].sum() > 0 and mask.first_divergent_layer == 1  # token 0 sees the future
 
     q = ds["int8_cache"]
-    assert all(row[0].max_rel <= 1 / 254 + 1e-4 for row in q.kv)  # half an int8 step, relative to the row's absmax
-
-
-def test_scoping_limits_layers_and_start_step(tiny):
-    lm = tiny["llama_gqa"]
-    d = diagnose(lm, "kv_swapped", PROMPT, 6, layers=[1], free_run=False)
-    assert d.first_divergent_layer == 1
-    assert all(not row[0].differs for row in d.kv)
-    late = diagnose(lm, "off_by_one", PROMPT, 8, start_step=4, free_run=False)
-    assert late.first_divergence_step >= 4
-    assert not diagnose(lm, "off_by_one", PROMPT, 4, start_step=6, free_run=False).detected
-    with pytest.raises(ValueError, match="out of range"):
-        diagnose(lm, "kv_swapped", PROMPT, 4, layers=[7])
+    assert all(row[0].max_rel <= 1 / 254 + 1e-3 for row in q.kv)  # half an int8 step of the row's absmax (+ fp16 scale)
 
 
 def test_diagnosis_dict_is_json_ready_and_complete(llama_diags):
@@ -226,15 +189,18 @@ def test_diagnosis_dict_is_json_ready_and_complete(llama_diags):
                 "tolerance", "diagnosis", "findings", "steps"):
         assert key in d
     assert d["bug"] == "off_by_one" and d["detected"] is True and len(d["steps"]) == 8
-    assert set(d["steps"][1]["kv_rows"]) == {"same", "wrong", "shifted", "missing", "extra"}
+    assert set(d["steps"][1]["kv_rows"]) == set(evidence.STATUS_NAMES)
+    assert 0 <= d["top1_agree"] <= 1 and isinstance(d["steps"][1]["top1_agree"], bool)
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-def test_cli_bugs_json_lists_the_catalogue(capsys):
+def test_cli_bugs_json_lists_the_registry(capsys):
     assert main(["bugs", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [e["name"] for e in out] == list(REGISTRY)
-    assert all({"name", "title", "description", "symptom", "source"} <= set(e) for e in out)
+    assert [e["name"] for e in out] == names()
+    assert all({"name", "kind", "title", "description", "symptom", "source", "params", "scopes"} <= set(e) for e in out)
+    assert main(["bugs", "--kind", "eviction", "--json"]) == 0
+    assert {e["kind"] for e in json.loads(capsys.readouterr().out)} == {"eviction"}
 
 
 def test_cli_diagnose_json_and_text(tiny_checkpoint, capsys):
@@ -247,10 +213,23 @@ def test_cli_diagnose_json_and_text(tiny_checkpoint, capsys):
     assert "detected: False" in text and "No divergence" in text
 
 
-def test_cli_unknown_bug_is_one_line_and_exit_2():
-    out = run_cli("diagnose", "--bug", "nope")
+def test_cli_diagnose_takes_parameters(tiny_checkpoint, capsys):
+    assert main(["diagnose", "--bug", "sliding_window", "--param", "budget=6", "--model", str(tiny_checkpoint),
+                 "--steps", "6", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kind"] == "eviction" and d["detected"] and max(s["buggy_cache_len"] for s in d["steps"][1:]) <= 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--bug", "nope"), "unknown cache variant 'nope'"),
+    (("--bug", "h2o", "--param", "window=3"), "h2o takes no parameter window"),
+    (("--bug", "h2o", "--param", "budget"), "write KEY=VALUE"),
+    (("--bug", "int8_cache", "--param", "bits=3"), "bits must be one of 8, 4"),
+])
+def test_cli_bad_variant_input_is_one_line_and_exit_2(args, message):
+    out = run_cli("diagnose", *args)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "unknown bug 'nope'" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -275,7 +254,7 @@ def test_kv_status_figure_shows_categories_per_slot(llama_diags):
     z = np.asarray(hm.z, dtype=float)
     assert z.shape == status.shape and np.isnan(z[0, -1])  # prefill has no slot that far
     assert list(hm.colorbar.ticktext) == list(fb.STATUS_NAMES)
-    assert any("holds clean row" in t for row in hm.text for t in row)
+    assert any("holds exact row" in t for row in hm.text for t in row)
     assert fig.layout.yaxis.title.text == "step"
 
 
@@ -290,7 +269,7 @@ def test_attention_lengths_and_layer_figures(llama_diags):
     diff = np.asarray(fig.data[2].z)
     assert diff[0, 1:].max() > 0  # the first prompt token attended to later ones
     lengths = fb.lengths_figure(d.clean_lengths, d.buggy_kept(), d.buggy_lengths())
-    assert [t.name for t in lengths.data] == ["clean", "buggy: attended", "buggy: kept"]
+    assert [t.name for t in lengths.data] == ["exact", "variant: attended", "variant: kept"]
     share = fb.layer_step_figure(d.share_differing(), current_step=1)
     assert np.asarray(share.data[0].z).shape == (2, 8)
 
