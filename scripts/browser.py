@@ -22,8 +22,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Streamlit's own browser tests wait for this before they look
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
-# Rows of the K heatmap as Plotly holds them: the trace named "K" (kvviz.figures.step), one y label per row.
+# Rows of K on screen. kvviz's step view (kvviz/ui/stepview) paints K as an image and says how many
+# cached rows it shows in its chart's data-rows; a plain Plotly page (scripts/floor_app.py) holds
+# them as the trace named "K", one y label per row.
 K_ROWS_JS = """() => {
+  const view = document.querySelector('.kvsv [data-chart="K"]');
+  if (view && view.dataset.rows !== undefined && view.dataset.rows !== '') return Number(view.dataset.rows);
   for (const gd of document.querySelectorAll('.js-plotly-plot')) {
     const t = (gd.data || [])[0];
     if (t && t.name === 'K') return t.y.length;
