@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,11 @@ PROMPT_COLOR = "#8c9bb5"  # prompt positions (token strip, attention bars)
 GENERATED_COLOR = CACHED_COLOR
 
 
+@lru_cache(maxsize=8)
 def colorscale(name: str) -> list[list]:
-    """A named Plotly colour scale as explicit [[t, colour], ...]: the browser paints with the same stops."""
+    """A named Plotly colour scale as explicit [[t, colour], ...]: the browser paints with the same stops.
+
+    Cached: plotly looks names up by scanning every scale it knows (~30 ms), and every payload asks."""
     return [[float(t), c] for t, c in plotly.colors.get_colorscale(name)]
 
 
