@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kvviz.engine.models import LoadedModel, from_model
+from kvviz.engine.models import LoadedModel, from_model, using_threads
 from kvviz.engine.session import Limits, Session
 from kvviz.engine.timing import timed
 from kvviz.geometry import kv_geometry
@@ -162,7 +162,8 @@ def measure_context(lm: LoadedModel, twin: Any, context: int, *, repeats: int, w
         logits = twin(input_ids=torch.tensor([[token_id]], device=device), past_key_values=cache, use_cache=True).logits
         return int(logits[0, -1].float().argmax())
 
-    with torch.inference_mode():
+    # both models on the threads kvviz gives this model (a Session applies them around its forwards)
+    with torch.inference_mode(), using_threads(lm.threads):
         prefill_ms, _ = timed(sess.step, device)
         plain_prefill_ms, _ = timed(lambda: twin(input_ids=ids, past_key_values=cache, use_cache=True), device)
         kvviz_ms: list[float] = []

@@ -1,27 +1,38 @@
 """Step through: prefill, then one decode step per click; watch K and V grow and where q′ looks.
 
-One `kvviz.Session` per browser session lives in `st.session_state`; each click records one
-`Step`. The slider scrubs over recorded steps without recomputing anything. The views are one
-fragment, so a click reruns only them, not the sidebar; Play reruns that fragment on a timer.
+One `kvviz.Session` per browser session lives in `st.session_state`; each Next step records one
+`Step`. The views are drawn in the browser (`kvviz.ui.stepview`) from the whole run, so the slider
+and Play move through recorded steps with no server round trip per frame; the server runs only
+what needs the model (a step, Play's remaining steps once, Reset) and the arithmetic tab.
+
+The page's state lives in its URL, so a reload or a shared link rebuilds the same run:
+`?prompt=…&tokens=24&sampling=greedy|sample&temperature=0.8&top_k=0&top_p=0.9&seed=1&layer=1&head=3&step=5`
+(every parameter optional; defaults are left out; see `kvviz.ui.stepview.link`). Positions and
+steps count from 0 (step 0 = prefill).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import streamlit as st
 
 import kvviz
+from kvviz.engine.arithmetic import ArithmeticUnavailable, head_arithmetic
+from kvviz.engine.heads import HeadLabels, load_heads
+from kvviz.engine.models import resolve
 from kvviz.figures import step as fs
-from kvviz.geometry import dtype_bytes, human_bytes, kv_geometry
+from kvviz.geometry import kv_geometry
 from kvviz.ui import kit
+from kvviz.ui.stepview import action_of, standalone_html, step_view
+from kvviz.ui.stepview import link as links
 
 kit.page("Step through")
 
-OVERVIEWS = ["All heads", "All layers", "Cache size"]
-SPEEDS = {"slow · 1 s": 1.0, "normal · 0.5 s": 0.5, "fast · 0.25 s": 0.25}
-PARITY_OK = 1e-4  # |cached - recomputed logit| below this is float32 noise
-
+VIEW_KEY = "step_view_widget"
+DEFAULT_TOKENS = 24
 
 
 class RunSettings(NamedTuple):
@@ -37,6 +48,45 @@ class RunSettings(NamedTuple):
     sampling: kvviz.Sampling
 
 
+# -- the link (URL) ---------------------------------------------------------------------------------
+def read_link(lm: kvviz.LoadedModel, limits: kvviz.Limits) -> None:
+    """Once per browser session: the URL's parameters become the widgets' values (bad ones dropped, said why)."""
+    ss = st.session_state
+    if ss.step_link_read:
+        return
+    ss.step_link_read = True
+    link, notes = links.parse_link(st.query_params.to_dict(), max_tokens=limits.max_new_tokens,
+                                   num_layers=lm.info.num_layers, num_heads=lm.info.num_heads, default_tokens=DEFAULT_TOKENS)
+    widget_values = {"step_prompt": link.prompt, "step_new_tokens": link.tokens,
+                     "step_mode": None if link.sample is None else ("sample" if link.sample else "greedy"),
+                     "step_temperature": link.temperature, "step_top_k": link.top_k, "step_top_p": link.top_p,
+                     "step_seed": link.seed, "step_layer": link.layer, "step_head": link.head}
+    for key, value in widget_values.items():
+        if value is not None:
+            ss[key] = value
+    ss.step_link_step = link.step
+    if notes:
+        ss.step_notices = [("warning", "Ignored from the link: " + "; ".join(notes) + ".")]
+
+
+def default_params(limits: kvviz.Limits) -> dict[str, Any]:
+    return {"prompt": kit.DEFAULT_PROMPT, "tokens": min(DEFAULT_TOKENS, limits.max_new_tokens), "sampling": "greedy",
+            "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "layer": None, "head": None, "step": None}
+
+
+def write_link(settings: RunSettings, layer: int, head: int, limits: kvviz.Limits) -> None:
+    """Put the shown state in the URL (only when it changed: each write is a message to the browser)."""
+    sp = settings.sampling
+    params = links.link_params(prompt=settings.prompt, tokens=settings.new_tokens, sample=not sp.is_greedy,
+                               temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed, layer=layer,
+                               head=head, step=st.session_state.step_view, defaults=default_params(limits))
+    current = st.query_params.to_dict()
+    others = {k: v for k, v in current.items() if k not in links.PARAMS}
+    if {**others, **params} != current:
+        st.query_params.from_dict({**others, **params})
+
+
+# -- the run --------------------------------------------------------------------------------------
 def sidebar(limits: kvviz.Limits) -> tuple[RunSettings, bool]:
     """The page's part of the sidebar (below the shared model block). Returns (settings, parity)."""
     with st.sidebar:
@@ -44,15 +94,16 @@ def sidebar(limits: kvviz.Limits) -> tuple[RunSettings, bool]:
         prompt = st.text_area("Prompt", kit.DEFAULT_PROMPT, key="step_prompt", height=96, persist_state="session",
                               help="Ctrl+Enter or click away to apply; a new prompt restarts the run.")
         most = limits.max_new_tokens  # a deployment cap may sit below the default
-        new_tokens = st.number_input("New tokens", 1, most, min(24, most), key="step_new_tokens",
+        new_tokens = st.number_input("New tokens", 1, most, min(DEFAULT_TOKENS, most), key="step_new_tokens",
                                      persist_state="session", help="Steps in the run: prefill makes the first token.")
         mode = st.segmented_control("Next token", ["greedy", "sample"], default="greedy", required=True,
                                     key="step_mode", persist_state="session")
         if mode == "sample":
-            temperature = st.slider("Temperature", 0.05, 2.0, 1.0, 0.05, key="step_temperature", persist_state="session")
-            top_k = st.number_input("Top-k (0 = off)", 0, 10_000, 0, key="step_top_k", persist_state="session")
-            top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="step_top_p", persist_state="session")
-            seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="step_seed", persist_state="session")
+            temperature = st.slider("Temperature", *links.TEMPERATURE, 1.0, 0.05, key="step_temperature",
+                                    persist_state="session")
+            top_k = st.number_input("Top-k (0 = off)", 0, links.MAX_TOP_K, 0, key="step_top_k", persist_state="session")
+            top_p = st.slider("Top-p (1 = off)", *links.TOP_P, 1.0, 0.05, key="step_top_p", persist_state="session")
+            seed = st.number_input("Seed", 0, links.MAX_SEED, 0, key="step_seed", persist_state="session")
             sampling = kvviz.Sampling(greedy=False, temperature=temperature, top_k=int(top_k), top_p=top_p, seed=int(seed))
         else:
             sampling = kvviz.Sampling()
@@ -69,47 +120,174 @@ def start_run(lm: kvviz.LoadedModel, settings: RunSettings, parity: bool) -> str
         session.step()  # prefill: step 0
     except kvviz.InputError as e:
         return str(e)
-    previous: RunSettings | None = st.session_state.step_settings
-    st.session_state.step_note = None
+    ss = st.session_state
+    previous: RunSettings | None = ss.step_settings
     if previous is not None and previous != settings:
         changed = [label for label, same in (
             ("model", previous.model == settings.model), ("prompt", previous.prompt == settings.prompt),
             ("new tokens", previous.new_tokens == settings.new_tokens), ("sampling", previous.sampling == settings.sampling),
         ) if not same]
-        st.session_state.step_note = f"The {' and '.join(changed)} changed: the run restarted from prefill."
-    st.session_state.update(step_session=session, step_settings=settings, step_view=0, step_playing=False,
-                            step_error=None)
+        ss.step_notices = [("info", f"The {' and '.join(changed)} changed: the run restarted from prefill.")]
+    ss.update(step_session=session, step_settings=settings, step_view=0, step_error=None, step_arith={},
+              step_run_id=ss.step_run_id + 1, step_nonce=ss.step_nonce + 1)
     return None
 
 
-def advance() -> None:
-    """Record the next step and show it (the Next step button and each Play tick)."""
-    session: kvviz.Session = st.session_state.step_session
-    try:
-        session.step()
-    except kvviz.InputError as e:
-        st.session_state.step_error = str(e)
+def advance(n: int = 1) -> None:
+    """Record up to `n` more steps (fewer when the run ends) and show the newest."""
+    ss = st.session_state
+    session: kvviz.Session = ss.step_session
+    for _ in range(max(1, n)):
+        if session.done:
+            break
+        try:
+            session.step()
+        except kvviz.InputError as e:
+            ss.step_error = str(e)
+            break
+        ss.step_error = None
+    ss.update(step_view=len(session.steps) - 1, step_nonce=ss.step_nonce + 1)
+
+
+def show_link_step() -> None:
+    """A link asked for step t: compute the run up to it (deterministic), then show it."""
+    ss = st.session_state
+    want = ss.step_link_step
+    if want is None or ss.step_session is None:
         return
-    st.session_state.update(step_view=len(session.steps) - 1, step_error=None, step_note=None)
+    ss.step_link_step = None
+    missing = want - (len(ss.step_session.steps) - 1)
+    if missing > 0:
+        advance(missing)
+    ss.update(step_view=min(want, len(ss.step_session.steps) - 1), step_nonce=ss.step_nonce + 1)
 
 
-def restart() -> None:
-    """Reset: the run's own settings, a fresh cache, prefill again."""
-    start_run(kit.current_model(), st.session_state.step_settings, st.session_state.step_session.parity)
+def apply(action: dict[str, Any]) -> None:
+    """One action from the browser: next / play / reset / view / tab (see kvviz/ui/stepview/view.js)."""
+    ss = st.session_state
+    session: kvviz.Session = ss.step_session
+    last = len(session.steps) - 1
+    view = action.get("view")
+    view = min(max(int(view), 0), last) if isinstance(view, (int, float)) else ss.step_view
+    kind = action.get("do")
+    if kind in ("next", "play", "reset"):
+        ss.step_notices = []
+    if kind == "next":
+        if view < last:  # scrubbed back: the next recorded step first (the browser normally does this itself)
+            ss.update(step_view=view + 1, step_nonce=ss.step_nonce + 1)
+        else:
+            n = action.get("n", 1)
+            advance(int(n) if isinstance(n, int) and 0 < n <= session.max_new_tokens else 1)
+    elif kind == "play":  # every remaining step once; the browser animates them from the shown step
+        advance(session.max_new_tokens)
+        ss.update(step_view=view, step_autoplay=(ss.step_autoplay or 0) + 1)
+    elif kind == "reset":
+        start_run(kit.current_model(), ss.step_settings, session.parity)
+    elif kind == "view":
+        ss.step_view = view
+    elif kind == "tab" and action.get("tab") in ("main", "arith", "over"):
+        ss.step_tab = action["tab"]
+    if isinstance(action.get("id"), int):
+        ss.step_ack = max(ss.step_ack, action["id"])
 
 
-def on_scrub() -> None:
-    if not st.session_state.step_playing:  # while playing the slider follows the newest step
-        st.session_state.step_view = st.session_state.step_scrub
+def on_action() -> None:
+    """The view's trigger callback: queue the action; the views apply it before drawing."""
+    action = action_of(VIEW_KEY)
+    if action:
+        st.session_state.step_pending = [*st.session_state.step_pending, action]
 
 
+# -- the views ------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def head_labels(model_name: str, num_layers: int, num_heads: int) -> HeadLabels:
+    """The model's labelled heads (heads.json beside a local checkpoint; hub models have none)."""
+    try:
+        path = Path(resolve(model_name))
+    except Exception:  # a model name that resolves nowhere has no labels
+        return HeadLabels()
+    return load_heads(path if path.is_dir() else None, num_layers, num_heads)
 
 
+def pickers(lm: kvviz.LoadedModel, kv_head_of: Any) -> tuple[int, int]:
+    """Layer and query head, opening on the model's most structured head, with one-click labelled picks."""
+    ss, info = st.session_state, lm.info
+    labels = head_labels(lm.name, info.num_layers, info.num_heads)
+    if "step_layer" not in ss or "step_head" not in ss:  # first visit: the clearest pattern, not layer 0 head 0
+        layer, head = labels.most_structured() or (0, 0)
+        ss.setdefault("step_layer", layer)
+        ss.setdefault("step_head", head)
+    with st.container(horizontal=True, vertical_alignment="bottom", gap="medium"):
+        layer = kit.picker("Layer", info.num_layers, "step_layer")
+        head = kit.picker("Query head → the KV head it reads", info.num_heads, "step_head",
+                          fmt=lambda h: f"q{h}→kv{int(kv_head_of[h])}")
+        picks = labels.picks()
+        if picks:
+            kit.head_picks(picks, "step_layer", "step_head", current=(layer, head))
+    return layer, head
+
+
+def arithmetic(lm: kvviz.LoadedModel, t: kvviz.Trace, layer: int, head: int) -> tuple[list | None, str | None]:
+    """The arithmetic of every recorded step for (layer, head), computed once per step and kept."""
+    ss = st.session_state
+    parts = ss.step_arith.setdefault((ss.step_run_id, layer, head), [])
+    try:
+        while len(parts) < len(t.steps):
+            parts.append(head_arithmetic(lm, t, len(parts), layer, head))
+    except ArithmeticUnavailable as e:
+        return None, f"The arithmetic cannot be shown for this model: {e}."
+    return parts, None
+
+
+def payload(lm: kvviz.LoadedModel, t: kvviz.Trace, layer: int, head: int, rope: bool) -> dict[str, Any]:
+    ss = st.session_state
+    session: kvviz.Session = ss.step_session
+    parts, note = arithmetic(lm, t, layer, head) if ss.step_tab == "arith" else (None, None)
+    bytes_per_token = kv_geometry(lm.model.config).bytes_per_token(t.model.dtype)
+    data = fs.step_view_payload(t, layer, head, rope=rope, bytes_per_token=bytes_per_token, arithmetic=parts,
+                                arithmetic_note=note)
+    notices = [{"kind": k, "text": x} for k, x in ss.step_notices]
+    if ss.step_error:
+        notices.append({"kind": "error", "text": ss.step_error})
+    data.update(run=ss.step_run_id, nonce=ss.step_nonce, view=min(ss.step_view, len(t.steps) - 1), autoplay=ss.step_autoplay,
+                ack=ss.step_ack, runs=ss.step_runs, done=session.done, stopped=session.stopped_reason, tab=ss.step_tab,
+                notices=notices)
+    return data
+
+
+def export(lm: kvviz.LoadedModel, t: kvviz.Trace, layer: int, head: int, rope: bool) -> None:
+    with st.expander("Export"):
+        st.download_button("Trace (JSON, summary)", lambda: t.to_json(), file_name="kvviz-trace.json", mime="application/json",
+                           on_click="ignore", icon=":material/download:")
+        st.download_button("Trace with all arrays (JSON)", lambda: t.to_json(arrays=True),
+                           file_name="kvviz-trace-arrays.json", mime="application/json", on_click="ignore",
+                           icon=":material/download:")
+        st.download_button("This run's views, layer and head (interactive HTML)",
+                           lambda: standalone_html({**payload(lm, t, layer, head, rope), "notices": [], "autoplay": None},
+                                                   f"kvviz · {t.model.name} · layer {layer} head {head}"),
+                           file_name=f"kvviz-run-L{layer}-H{head}.html", mime="text/html", on_click="ignore",
+                           icon=":material/download:")
+        st.caption("The HTML page opens offline (plotly.js inside) and plays, scrubs and hovers like this one.")
+
+
+def viewer(lm: kvviz.LoadedModel, rope: bool, limits: kvviz.Limits) -> None:
+    """Pickers and the step view. Reruns alone on the view's actions and the pickers."""
+    ss = st.session_state
+    ss.step_runs += 1
+    pending, ss.step_pending = ss.step_pending, []
+    for action in pending:
+        apply(action)
+    t = ss.step_session.trace()
+    layer, head = pickers(lm, t.steps[0].layers[0].kv_head_of)
+    step_view(payload(lm, t, layer, head, rope), key=VIEW_KEY, on_action=on_action)
+    write_link(ss.step_settings, layer, head, limits)
+    export(lm, t, layer, head, rope)
 
 
 # -- the page -------------------------------------------------------------------------------------
 limits = kvviz.Limits()
 lm = kit.require_model("the step-through view")
+read_link(lm, limits)
 settings, parity = sidebar(limits)
 
 settings_error = None  # why the sidebar's settings cannot run; the previous run stays on screen
@@ -117,10 +295,11 @@ if st.session_state.step_session is None or st.session_state.step_settings != se
     settings_error = start_run(lm, settings, parity)
 if st.session_state.step_session is not None:
     st.session_state.step_session.parity = parity  # read per step: toggling it needs no restart
+    show_link_step()
 
 st.title("Step through")
 st.caption("Prefill fills the cache with the prompt; each decode step feeds one token, appends one row to K and V, "
-           "and lets the new query q′ attend over everything cached.")
+           "and lets the new query q′ attend over everything cached. Positions and steps count from 0.")
 if settings_error:
     st.error(settings_error, icon=":material/error:")
 if st.session_state.step_session is None:
@@ -128,146 +307,5 @@ if st.session_state.step_session is None:
 if settings_error:
     st.warning("Showing the previous run: fix the settings in the sidebar to start a new one.")
 
-
-def viewer(lm: kvviz.LoadedModel, rope: bool) -> None:
-    """Controls, metrics and every view of the shown step. Reruns alone on clicks and Play ticks."""
-    session: kvviz.Session = st.session_state.step_session
-    kit.play_tick("step", st.session_state.step_seconds, advance,
-                  at_end=lambda: session.done or st.session_state.step_error is not None)
-    playing = st.session_state.step_playing
-
-    # -- controls ---------------------------------------------------------------------------
-    n = len(session.steps)
-    with st.container(horizontal=True, vertical_alignment="bottom", gap="small"):
-        st.button("Next step", icon=":material/skip_next:", type="primary", on_click=advance, disabled=session.done,
-                  key="step_next", help="Feed the last chosen token: one decode step.")
-        if st.button("Pause" if playing else "Play", icon=":material/pause:" if playing else ":material/play_arrow:",
-                     disabled=session.done and not playing, key="step_play"):
-            st.session_state.step_playing = not playing
-            st.session_state.step_last_tick = 0.0
-            st.rerun()  # the whole app: the fragment's timer is set when it is registered
-        st.button("Reset", icon=":material/restart_alt:", on_click=restart, key="step_reset",
-                  help="Start again from prefill with the same settings.")
-        st.selectbox("Speed", list(SPEEDS), index=1, key="step_speed", label_visibility="collapsed", width=150,
-                     on_change=lambda: st.session_state.update(step_seconds=SPEEDS[st.session_state.step_speed]),
-                     help="Seconds per step while playing.")
-        if n > 1:
-            st.session_state.step_scrub = st.session_state.step_view
-            st.slider("Shown step (0 = prefill)", 0, n - 1, key="step_scrub", on_change=on_scrub, width=340,
-                      disabled=playing, help="Scrub through recorded steps; nothing is recomputed.")
-    if st.session_state.step_note:  # stays until the next step, so a fragment rerun does not hide it
-        st.info(st.session_state.step_note, icon=":material/restart_alt:")
-    if session.done:
-        st.caption(f"Generation is over: {session.stopped_reason}. Reset or change the settings to run again.")
-    if st.session_state.step_error:
-        st.error(st.session_state.step_error)
-
-    t = session.trace()
-    shown: dict = {}  # title -> figure, for the HTML export
-    s = min(st.session_state.step_view, n - 1)
-    step = t.steps[s]
-    info = t.model
-    n_prompt = len(t.prompt_ids)
-    geo = kv_geometry(lm.model.config)
-    bytes_per_token = geo.bytes_per_token(info.dtype)
-
-    # -- live metrics -----------------------------------------------------------------------
-    m = st.columns(5)
-    m[0].metric("Step", "prefill" if step.is_prefill else f"decode {s}", f"{n} recorded", delta_color="off",
-                delta_arrow="off", help="Step 0 is prefill; each later step is one decode step.")
-    grew = step.cache_len - (t.steps[s - 1].cache_len if s else 0)
-    m[1].metric("Cache length", step.cache_len, f"+{grew} position{'s' if grew > 1 else ''}", delta_arrow="off",
-                help="Cached positions per layer and KV head after this step.")
-    m[2].metric("Cache bytes", human_bytes(bytes_per_token * step.cache_len), f"{bytes_per_token:,} B per token",
-                delta_color="off", delta_arrow="off",
-                help=f"bytes per token = 2 (K and V) × {info.num_layers} layers × {info.num_key_value_heads} KV heads × "
-                     f"{info.head_dim} (head_dim) × {dtype_bytes(info.dtype):g} B ({info.dtype}); × cache length.")
-    diff = step.max_abs_logit_diff
-    if diff is None:
-        m[3].metric("Parity", "off", "not checked", delta_color="off", delta_arrow="off")
-    else:
-        ok = diff < PARITY_OK
-        m[3].metric("Parity |Δlogit|", f"{diff:.1e}", "cache exact" if ok else "cache differs", delta_arrow="off",
-                    delta_color="green" if ok else "red",
-                    help="Largest |cached − full-recompute| next-token logit. Float32 noise is ~1e-6; "
-                         f"green under {PARITY_OK:g}.")
-    m[4].metric("Step time", f"{step.time_ms:.1f} ms",
-                f"recompute {step.recompute_ms:.1f} ms" if step.recompute_ms is not None else "cached forward",
-                delta_color="off", delta_arrow="off", help="This step's cached forward (capture included) vs recomputing all.")
-
-    # -- tokens, pickers, the story ----------------------------------------------------------
-    ids = list(t.prompt_ids) + list(t.generated_ids)
-    st.html(fs.token_strip_html(t.tokens, ids, n_prompt, s))
-    with st.container(horizontal=True, vertical_alignment="bottom", gap="medium"):
-        layer = kit.picker("Layer", info.num_layers, "step_layer")
-        kv_head_of = step.layers[layer].kv_head_of
-        head = kit.picker("Query head → the KV head it reads", info.num_heads, "step_head",
-                      fmt=lambda h: f"q{h}→kv{int(kv_head_of[h])}")
-    kv = int(kv_head_of[head])
-    st.caption(f"**{fs.kv_sharing_text(kv_head_of, head)}**. The K and V below are KV head {kv}'s, in layer {layer}.")
-    ls = step.layers[layer]
-    cached = t.cached_tokens(s)
-    new_rows = len(step.input_ids)
-
-    story, views = st.columns([2, 3], gap="large")
-    with story:
-        fed_token = t.steps[s - 1].token if s else ""
-        st.markdown(fs.step_story(step, n_prompt, fed_token=fed_token, num_layers=info.num_layers, head_dim=info.head_dim,
-                                  rope=rope, greedy=t.sampling.get("greedy", True)))
-    with views:
-        kit.chart(fs.kv_figure(t.keys(layer, s)[kv], t.values(layer, s)[kv], cached, kv_head=kv, new_rows=new_rows),
-              "step_KV", shown)
-        added = "prefill stored every prompt row" if step.is_prefill else "one new row each"
-        st.caption(f"**K ← [K; k′], V ← [V; v′]**: {added} (outlined). A row per cached position, a column per "
-                   "head_dim index; earlier rows never change.")
-        kit.chart(fs.qkv_figure(ls.query_states[head, -1], ls.key_states[kv, -1], ls.value_states[kv, -1], head=head,
-                            kv_head=kv, token=t.tokens[step.positions[-1]], position=step.positions[-1]), "step_qkv", shown)
-        st.caption("The newest token's query, key and value (at prefill: the last prompt token's). "
-                   "k′ and v′ are the outlined rows of K and V above.")
-
-    # -- attention, the next token, overviews -------------------------------------------------
-    ac, oc = st.columns([3, 2], gap="large")
-    with ac:
-        kit.chart(fs.attention_figure(t.attention_matrix(layer, head, s), cached, n_prompt, head=head, new_rows=new_rows),
-              "step_attention", shown)
-        st.caption("What q′ attends to: softmax(q′Kᵀ/√d) over every cached position — the prompt, each generated "
-                   "token and the new token itself (bars; they sum to 1). Above, the matrix built row by row: prefill "
-                   "made the causal triangle in one go, each decode step adds one row (outlined), one column longer; "
-                   "empty cells are the future. Hover a cell for its tokens.")
-    with oc:
-        kit.chart(fs.next_token_figure(step.top_k, step.token_id, step.token, step.prob), "step_next_token", shown)
-        st.caption(f"The model's top {len(step.top_k)} next tokens (temperature 1); the chosen one, in red, is fed "
-                   "in at the next step.")
-        # one overview at a time: each chart on screen costs browser time on every step
-        view = st.segmented_control("Overview", OVERVIEWS, default=OVERVIEWS[0], required=True, key="step_overview",
-                                    label_visibility="collapsed")
-        if view == "All heads":
-            kit.chart(fs.heads_overview_figure(ls.weights[:, -1, :], cached, kv_head_of, selected_head=head), "step_heads",
-                  shown)
-            st.caption(f"Layer {layer}: each row is one query head's newest query; dotted lines group the heads that "
-                       "share a KV head.")
-        elif view == "All layers":
-            kit.chart(fs.layers_overview_figure([x.weights[:, -1, :] for x in step.layers], cached, selected_layer=layer),
-                  "step_layers", shown)
-            st.caption("Each layer's newest query, averaged over its heads.")
-        else:
-            kit.chart(fs.cache_growth_figure([x.cache_len for x in t.steps], bytes_per_token, current_step=s,
-                                         dtype=info.dtype), "step_size", shown)
-            st.caption("Every step adds one row per layer and KV head: the cache grows linearly with the tokens.")
-
-    with st.expander("Export"):
-        st.download_button("Trace (JSON, summary)", lambda: t.to_json(), file_name="kvviz-trace.json", mime="application/json",
-                           on_click="ignore", icon=":material/download:")
-        st.download_button("Trace with all arrays (JSON)", lambda: t.to_json(arrays=True),
-                           file_name="kvviz-trace-arrays.json", mime="application/json", on_click="ignore",
-                           icon=":material/download:")
-        st.download_button("Figures of this step (HTML)",
-                           lambda: fs.figures_html(shown, f"kvviz · {info.name} · step {s} · layer {layer} head {head}"),
-                           file_name=f"kvviz-step{s}-L{layer}-H{head}.html", mime="text/html", on_click="ignore",
-                           icon=":material/download:")
-        st.caption("The HTML opens offline and stays interactive; each chart's camera icon also saves a PNG.")
-
-
 rope = any("rope" in key for key in lm.model.config.to_dict())  # RoPE (Llama, Qwen2) vs learned positions (GPT-2)
-run_every = st.session_state.step_seconds if st.session_state.step_playing else None
-st.fragment(viewer, run_every=run_every)(lm, rope)
+st.fragment(viewer)(lm, rope, limits)

@@ -22,8 +22,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Streamlit's own browser tests wait for this before they look
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
-# Rows of the K heatmap as Plotly holds them: the trace named "K" (kvviz.figures.step), one y label per row.
+# Rows of K on screen. kvviz's step view (kvviz/ui/stepview) paints K as an image and says how many
+# cached rows it shows in its chart's data-rows; a plain Plotly page (scripts/floor_app.py) holds
+# them as the trace named "K", one y label per row.
 K_ROWS_JS = """() => {
+  const view = document.querySelector('.kvsv [data-chart="K"]');
+  if (view && view.dataset.rows !== undefined && view.dataset.rows !== '') return Number(view.dataset.rows);
   for (const gd of document.querySelectorAll('.js-plotly-plot')) {
     const t = (gd.data || [])[0];
     if (t && t.name === 'K') return t.y.length;
@@ -40,13 +44,19 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
-def start_app(port: int, model: str | None = None, log: IO[Any] | int = subprocess.DEVNULL) -> subprocess.Popen:
-    """`streamlit run app.py` on `port` (KVVIZ_DEFAULT_MODEL=`model` if given), one torch thread."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+def start_app(port: int, model: str | None = None, log: IO[Any] | int = subprocess.DEVNULL,
+              script: str = "app.py", one_thread: bool = True) -> subprocess.Popen:
+    """`streamlit run app.py` (or another `script`) on `port` (KVVIZ_DEFAULT_MODEL=`model` if given).
+
+    one_thread: OMP_NUM_THREADS=1 for the whole server (tests); False runs it as the README says,
+    leaving torch's threads to kvviz's per-model choice (`kvviz.engine.models.preferred_threads`)."""
+    env = dict(os.environ)
+    if one_thread:
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     if model:
         env["KVVIZ_DEFAULT_MODEL"] = model
     return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+        [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true", "--server.port", str(port),
          "--browser.gatherUsageStats", "false"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )

@@ -43,23 +43,81 @@ def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
     return a.copy() if copy else a
 
 
+# One transfer per step unless a step's records pass this (a long prompt's prefill on a big model:
+# its scores and weights are layers x heads x prompt^2 floats); then one transfer per this many bytes.
+MAX_TRANSFER_BYTES = 256 * 2**20
+
+
+def host_copies(tensors: list[torch.Tensor], max_bytes: int = MAX_TRANSFER_BYTES) -> list[np.ndarray]:
+    """float32 host arrays of `tensors` (any device, any float/int dtype), moved in as few transfers as possible.
+
+    The tensors are flattened into one device buffer (one kernel), copied to the host in one go
+    (into pinned memory, non-blocking, one wait, on CUDA) and handed back as numpy views of that
+    buffer in their own shapes. On the CPU the "transfer" is the concatenation itself. A GPU then
+    pays one device->host round trip per step instead of one per tensor (5-7 per layer).
+    """
+    out: list[np.ndarray] = []
+    group: list[torch.Tensor] = []
+    size = 0
+    for t in [*tensors, None]:
+        if t is not None and (not group or size + 4 * t.numel() <= max_bytes):
+            group.append(t)
+            size += 4 * t.numel()
+            continue
+        if group:
+            out.extend(_one_transfer(group))
+        group, size = ([t], 4 * t.numel()) if t is not None else ([], 0)
+    return out
+
+
+def _one_transfer(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    device = tensors[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])  # (total,) on the device
+    if device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()  # the one wait of the step
+    elif device.type == "cpu":
+        host = flat
+    else:  # mps and others: a plain blocking copy
+        host = flat.to("cpu")
+    buffer = host.numpy()
+    views, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        views.append(buffer[offset : offset + n].reshape(tuple(t.shape)))
+        offset += n
+    return views
+
+
 @dataclass
 class StepRecorder:
-    """Collects one forward's captures, layer by layer. Lives for one step of one session."""
+    """Collects one forward's captures, layer by layer. Lives for one step of one session.
+
+    During the forward it only keeps references to the device tensors (no copy, no sync);
+    `to_host()` then moves all of them in one transfer and fills `new_kv` and `attention`.
+    """
 
     step: int
     bug: CacheVariant | None = None
     keep_attended: bool = False  # also copy the K/V actually attended (needed when a variant rewrites history)
     capture: bool = True  # False: copy nothing (a scoring run that keeps only logits); the variant hooks still run
     cache: Any = None  # the session's KVVizCache: receives the weights for a variant that ranks rows (`observe`)
+    keep_inputs: bool = True  # the normed input x of the newest position, per layer (the arithmetic view)
     new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    attention: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _pending: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
 
     def record_new_kv(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if not self.capture:
             return
         # (batch, num_key_value_heads, q_len, head_dim) -> (num_key_value_heads, q_len, head_dim)
-        self.new_kv[layer_idx] = (to_numpy(key_states[0]), to_numpy(value_states[0]))
+        self._pending += [(layer_idx, "key_states", key_states[0]), (layer_idx, "value_states", value_states[0])]
+
+    def record_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """The attention's input (batch, q_len, hidden_size), already normed: keep its newest row (hidden_size,)."""
+        if self.capture and self.keep_inputs:
+            self._pending.append((layer_idx, "attention_input", hidden_states[0, -1]))
 
     def record_attention(
         self,
@@ -70,22 +128,41 @@ class StepRecorder:
         kv_head_of: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
+        scaling: float | None = None,
     ) -> None:
         if not self.capture:
             return
-        scores_np = to_numpy(scores[0], copy=False)  # (num_heads, q_len, kv_len)
-        # the mask adds dtype-min, not -inf; store masked entries as -inf so they read as "not visible"
-        scores_np[scores_np < -1e30] = -np.inf
-        rec = {
-            "query_states": to_numpy(query[0], copy=False),  # (num_heads, q_len, head_dim)
-            "scores": scores_np,
-            "weights": to_numpy(weights[0], copy=False),  # (num_heads, q_len, kv_len)
-            "kv_head_of": kv_head_of.detach().cpu().numpy().astype(np.int64),
-        }
+        self.attention.setdefault(layer_idx, {})["scaling"] = scaling
+        self._pending += [
+            (layer_idx, "query_states", query[0]),  # (num_heads, q_len, head_dim)
+            (layer_idx, "scores", scores[0]),  # (num_heads, q_len, kv_len)
+            (layer_idx, "weights", weights[0]),  # (num_heads, q_len, kv_len)
+            (layer_idx, "kv_head_of", kv_head_of),  # (num_heads,)
+        ]
         if self.keep_attended:
-            rec["attended_keys"] = to_numpy(key[0])  # (num_key_value_heads, kv_len, head_dim)
-            rec["attended_values"] = to_numpy(value[0])
-        self.attention[layer_idx] = rec
+            self._pending += [(layer_idx, "attended_keys", key[0]), (layer_idx, "attended_values", value[0])]
+
+    def to_host(self) -> None:
+        """Move everything recorded in this forward to the host in one transfer (see `host_copies`)."""
+        pending, self._pending = self._pending, []
+        arrays = host_copies([t for _, _, t in pending])
+        new_k: dict[int, np.ndarray] = {}
+        new_v: dict[int, np.ndarray] = {}
+        for (layer_idx, name, _), a in zip(pending, arrays):
+            if name == "key_states":
+                new_k[layer_idx] = a
+            elif name == "value_states":
+                new_v[layer_idx] = a
+            else:
+                rec = self.attention.setdefault(layer_idx, {})
+                if name == "kv_head_of":
+                    a = a.astype(np.int64)
+                elif name == "scores":
+                    # the mask adds dtype-min, not -inf; store masked entries as -inf so they read as "not visible"
+                    a[a < -1e30] = -np.inf
+                rec[name] = a
+        for layer_idx, k in new_k.items():
+            self.new_kv[layer_idx] = (k, new_v[layer_idx])
 
 
 _RECORDER: ContextVar[StepRecorder | None] = ContextVar("kvviz_recorder", default=None)
@@ -196,8 +273,34 @@ def kvviz_attention(
 
     if recorder.cache is not None and bug is not None and bug.observes:
         recorder.cache.observe(layer_idx, weights)  # e.g. H2O accumulates the attention each row receives
-    recorder.record_attention(layer_idx, query, scores, weights, kv_head_of, key, value)
+    recorder.record_attention(layer_idx, query, scores, weights, kv_head_of, key, value, float(scaling))
     return output, weights
+
+
+def _record_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on each attention module: its input x (already normed) to the recorder."""
+    recorder = _RECORDER.get()
+    if recorder is None or not recorder.keep_inputs:
+        return
+    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    if isinstance(hidden_states, torch.Tensor):
+        recorder.record_input(int(getattr(module, "layer_idx", 0) or 0), hidden_states)
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The self-attention module of each layer: {layer_idx: module} (the modules that carry `layer_idx`)."""
+    return {int(m.layer_idx): m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+
+
+def instrument(model: torch.nn.Module) -> None:
+    """Record each attention module's input x when a recorder asks (idempotent; at load time only).
+
+    A pre-hook, not a change to the forward: with no recorder set (recompute, benchmarks, other
+    sessions) it returns at once, so the shared model computes exactly what it did before.
+    """
+    for module in attention_modules(model).values():
+        if not any(hook is _record_input for hook in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_record_input, with_kwargs=True)
 
 
 def register() -> None:

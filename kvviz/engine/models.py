@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,8 @@ class LoadedModel:
     tokenizer: Any
     info: ModelInfo
     load_seconds: float
+    # CPU threads for this model's forwards (None = torch's default). See `preferred_threads`.
+    threads: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -225,16 +229,52 @@ def model_info(name: str, model: Any) -> ModelInfo:
     )
 
 
+# Below this many parameters a CPU forward is mostly Python and small kernels: a second thread
+# only adds synchronisation, and on a busy 2-core machine it waits for a core (the bundled model's
+# cached step: 15-17 ms on 1 thread vs 160-330 ms on 2 with the machine at load 7-9; see README).
+SMALL_MODEL_PARAMS = 30_000_000
+
+
+def preferred_threads(model: Any) -> int | None:
+    """CPU threads that make `model`'s forwards fastest: 1 for small models, else torch's default (None)."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return None
+    return 1 if sum(x.numel() for x in model.parameters()) <= SMALL_MODEL_PARAMS else None
+
+
+@contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with `threads` torch CPU threads, then restore the previous count.
+
+    torch's thread count is process-wide, so a model's preference is applied around its own
+    forwards only (a session's step), never left behind for other code or models.
+    """
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if before != threads:
+            torch.set_num_threads(before)
+
+
 def prepare(model: Any) -> Any:
     """Route a freshly built model's attention through kvviz's capturing function (load time only)."""
     capture.register()
     model.set_attn_implementation(capture.ATTN_IMPLEMENTATION)
+    capture.instrument(model)
     return model.eval()
 
 
 def from_model(model: Any, tokenizer: Any, name: str = "custom") -> LoadedModel:
     """Wrap a model you built yourself (e.g. from a config in a test or notebook)."""
-    return LoadedModel(name=name, model=prepare(model), tokenizer=tokenizer, info=model_info(name, model), load_seconds=0.0)
+    return LoadedModel(name=name, model=prepare(model), tokenizer=tokenizer, info=model_info(name, model), load_seconds=0.0,
+                       threads=preferred_threads(model))
 
 
 def load_model(name: str = BUNDLED, device: str | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
@@ -265,8 +305,9 @@ def load_model(name: str = BUNDLED, device: str | None = None, dtype: str | torc
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the weights or tokenizer of {name!r}: {str(e).splitlines()[0]}") from e
     model = model.to(dev).eval()
+    capture.instrument(model)
     display = BUNDLED if target == str(BUNDLED_DIR) else name
     return LoadedModel(
         name=display, model=model, tokenizer=tokenizer, info=model_info(display, model),
-        load_seconds=time.perf_counter() - t0,
+        load_seconds=time.perf_counter() - t0, threads=preferred_threads(model),
     )

@@ -23,9 +23,10 @@ import torch
 
 from kvviz.engine import capture
 from kvviz.engine.cache import KVVizCache
-from kvviz.engine.models import LoadedModel
+from kvviz.engine.models import LoadedModel, using_threads
 from kvviz.engine.sampling import Sampling, choose, new_generator
 from kvviz.engine.timing import timed
+from kvviz.engine.tokens import token_text
 from kvviz.engine.trace import LayerStep, Step, TokenProb, Trace
 from kvviz.engine.variant import CacheVariant, Rope
 
@@ -258,11 +259,11 @@ class Session:
         return out
 
     def _token_str(self, token_id: int) -> str:
-        # ~8 us per decode call and eleven per step (chosen + top-k), with the same candidates
-        # recurring step after step: remember them for this session
+        # byte pieces of a split character read <0xE4>, never "�" (kvviz.engine.tokens). Eleven
+        # per step (chosen + top-k), the same candidates recurring: remember them for this session
         text = self._token_strs.get(token_id)
         if text is None:
-            text = self._token_strs[token_id] = self.lm.tokenizer.decode([token_id])
+            text = self._token_strs[token_id] = token_text(self.lm.tokenizer, token_id)
         return text
 
     def _run_stale_prefix(self) -> None:
@@ -281,17 +282,20 @@ class Session:
         recorder = capture.StepRecorder(step=n, bug=self.bug, keep_attended=self.bug is not None,
                                         capture=self.record, cache=self.cache)
         ids_t = torch.tensor([input_ids], device=device)  # (1, q_len)
-        with torch.inference_mode(), capture.recording(recorder):
-            time_ms, out = timed(
-                lambda: model(input_ids=ids_t, position_ids=positions.to(device), past_key_values=self.cache, use_cache=True),
-                device,
-            )
+
+        def forward_and_record() -> Any:
+            out = model(input_ids=ids_t, position_ids=positions.to(device), past_key_values=self.cache, use_cache=True)
+            recorder.to_host()  # every record of the step in one device -> host transfer
+            return out
+
+        with using_threads(self.lm.threads), torch.inference_mode(), capture.recording(recorder):
+            time_ms, out = timed(forward_and_record, device)
             logits = out.logits[0, -1].float()  # (vocab,)
 
         max_diff = recompute_ms = None
         if self.parity:
             full = torch.tensor([self.ids], device=device)  # (1, seq): everything fed so far, this step included
-            with torch.inference_mode():  # no recorder: plain SDPA, no cache
+            with using_threads(self.lm.threads), torch.inference_mode():  # no recorder: plain SDPA, no cache
                 recompute_ms, ref_out = timed(lambda: model(input_ids=full, use_cache=False), device)
                 ref = ref_out.logits[0, -1].float()
             max_diff = float((ref - logits).abs().max().item())
@@ -321,6 +325,8 @@ class Session:
                     kv_head_of=att["kv_head_of"],
                     attended_keys=att.get("attended_keys"),
                     attended_values=att.get("attended_values"),
+                    attention_input=att.get("attention_input"),
+                    scaling=att.get("scaling"),
                 )
             )
         return Step(

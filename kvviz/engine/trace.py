@@ -36,6 +36,10 @@ class LayerStep:
     # (an injected bug); for a correct cache it is a prefix of the final cache and not stored.
     attended_keys: np.ndarray | None = None  # (num_key_value_heads, kv_len, head_dim)
     attended_values: np.ndarray | None = None  # (num_key_value_heads, kv_len, head_dim)
+    # The attention's input at the newest position (already normed): what x·W_q, x·W_k, x·W_v multiply
+    # (`kvviz.engine.arithmetic` recomputes the step from it). None when not recorded.
+    attention_input: np.ndarray | None = None  # (hidden_size,)
+    scaling: float | None = None  # the factor on q'·K^T (1/sqrt(head_dim) for most models)
 
     @property
     def kv_len(self) -> int:
@@ -43,7 +47,7 @@ class LayerStep:
 
     def nbytes(self) -> int:
         arrays = [self.query_states, self.key_states, self.value_states, self.scores, self.weights,
-                  self.kv_head_of, self.attended_keys, self.attended_values]
+                  self.kv_head_of, self.attended_keys, self.attended_values, self.attention_input]
         return sum(a.nbytes for a in arrays if a is not None)
 
 

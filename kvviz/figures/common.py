@@ -5,14 +5,18 @@ Conventions (one place, so pages agree):
 - attention weights and probabilities: a sequential scale from 0 (`WEIGHT_SCALE`, zmin=0),
 - differences between two runs: `DIFF_SCALE`, centred on 0,
 - the newest row / the current step: outlined in `HIGHLIGHT`.
-Token labels are made unique with their position ("12 ␣the"): Plotly merges equal category labels.
+Token labels (`kvviz.engine.tokens`, re-exported here) are made unique with their position ("12 ␣the"):
+Plotly merges equal category labels; byte pieces of a split character read `<0xE4>`, never "�".
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import plotly.graph_objects as go
+
+from kvviz.engine.tokens import show_token, token_labels  # one token display, re-exported for figures
+
+__all__ = ["CACHED_COLOR", "DIFF_SCALE", "FONT", "HIGHLIGHT", "RECOMPUTE_COLOR", "VALUE_SCALE", "WEIGHT_SCALE",
+           "base_layout", "base_layout_dict", "show_token", "token_labels"]
 
 VALUE_SCALE = "RdBu_r"
 WEIGHT_SCALE = "Viridis"
@@ -21,18 +25,6 @@ HIGHLIGHT = "#ff2d55"
 CACHED_COLOR = "#1f77b4"
 RECOMPUTE_COLOR = "#ff7f0e"
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=12)
-
-
-def show_token(token: str) -> str:
-    """Make whitespace visible: leading spaces as ␣, newlines as ⏎, empty as ∅."""
-    if token == "":
-        return "∅"
-    return token.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "␣")
-
-
-def token_labels(tokens: Sequence[str], start: int = 0) -> list[str]:
-    """Unique axis labels: position then the visible token."""
-    return [f"{start + i} {show_token(t)}" for i, t in enumerate(tokens)]
 
 
 def base_layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:

@@ -15,7 +15,7 @@ the page script alone, without `app.py`. So every page calls `kit.page()` first,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,7 +28,8 @@ from kvviz.engine.models import LoadedModel
 from kvviz.ui import model, state
 from kvviz.ui.model import current_model, require_model
 
-__all__ = ["DEFAULT_PROMPT", "PAGES", "chart", "current_model", "page", "picker", "play_tick", "require_model", "run_app"]
+__all__ = ["DEFAULT_PROMPT", "PAGES", "chart", "current_model", "head_picks", "page", "picker", "play_tick", "require_model",
+           "run_app"]
 
 ROOT = Path(__file__).resolve().parents[2]
 # (file, title, icon) in menu order; the first is the default page. Every file must exist.
@@ -111,6 +112,17 @@ def picker(label: str, n: int, key: str, fmt: Callable[[int], str] = str) -> int
     if n <= 12:
         return st.segmented_control(label, list(range(n)), format_func=fmt, required=True, key=key)
     return st.selectbox(label, list(range(n)), format_func=fmt, key=key)
+
+
+def head_picks(picks: Sequence[tuple[str, tuple[int, int]]], layer_key: str, head_key: str,
+               current: tuple[int, int]) -> None:
+    """One-click buttons for a model's labelled heads ("previous-token · L1H3"), beside the layer and head
+    pickers whose keys they set (in a callback, before those widgets are drawn again)."""
+    for label, (layer, head) in picks:
+        st.button(f"{label} · L{layer}H{head}", key=f"{head_key}_pick_{label}",
+                  type="primary" if (layer, head) == current else "secondary",
+                  on_click=lambda lh=(layer, head): st.session_state.update({layer_key: lh[0], head_key: lh[1]}),
+                  help=f"Layer {layer}, query head {head}: labelled '{label}' by the model's head analysis (heads.json).")
 
 
 def play_tick(prefix: str, seconds: float, advance: Callable[[], None], at_end: Callable[[], bool]) -> None:

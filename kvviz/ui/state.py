@@ -24,11 +24,18 @@ def _defaults() -> dict[str, Any]:
         # -- Step through --------------------------------------------------------------------------
         "step_session": None,  # this browser session's kvviz.Session: its own cache, RNG and records
         "step_settings": None,  # the RunSettings that session started from; a change restarts the run
-        "step_view": 0,  # the recorded step on screen (0 = prefill); scrubbing never recomputes
-        "step_playing": False,
-        "step_seconds": 0.5,  # Play speed; a plain key, as the timer is set before the speed widget exists
-        "step_last_tick": 0.0,  # when Play last advanced (monotonic seconds)
-        "step_note": None,  # why the run restarted, shown once
+        "step_run_id": 0,  # counts the runs started in this session: the browser drops a run's frames when it changes
+        "step_view": 0,  # the recorded step on screen as the server knows it (0 = prefill)
+        "step_nonce": 0,  # bumps when the server moves the shown step (a step, Reset, a link); scrubbing never does
+        "step_autoplay": None,  # bumps when Play computed the rest of the run: the browser animates from the shown step
+        "step_ack": 0,  # id of the last browser action applied (the browser waits for it before sending queued clicks)
+        "step_pending": [],  # actions from the browser (or a test) to apply before drawing: {"do": "next", ...}
+        "step_tab": "main",  # the view's open tab; the arithmetic is computed and shipped only while "arith" is open
+        "step_arith": {},  # {(run id, layer, head): [HeadArithmetic per step]} for the arithmetic tab
+        "step_runs": 0,  # how often the views ran on the server (a browser test checks Play causes none)
+        "step_link_read": False,  # this session read its URL's parameters (once, on its first run)
+        "step_link_step": None,  # the step a link asked to show, until the run has reached it
+        "step_notices": [],  # [(kind, text)] shown in the view's status line until the next action
         "step_error": None,  # the last InputError of a step, shown until the next successful one
         # -- Bug lab -------------------------------------------------------------------------------
         "lab_settings": None,  # the LabSettings the shown diagnosis was made from
