@@ -35,7 +35,7 @@ _EXPORTS = {
     "Sampling": "kvviz.engine.sampling",
     "Session": "kvviz.api",
     "Limits": "kvviz.engine.session",
-    "InputError": "kvviz.engine.session",
+    "InputError": "kvviz.validate",
     "trace": "kvviz.api",
     "Trace": "kvviz.engine.trace",
     "Step": "kvviz.engine.trace",
@@ -73,9 +73,10 @@ if TYPE_CHECKING:
     from kvviz.api import Session, trace
     from kvviz.engine.models import LoadedModel, ModelLoadError, from_model, load_model
     from kvviz.engine.sampling import Sampling
-    from kvviz.engine.session import InputError, Limits
+    from kvviz.engine.session import Limits
     from kvviz.engine.trace import LayerStep, ModelInfo, Step, TokenProb, Trace
     from kvviz.geometry import KVGeometry
+    from kvviz.validate import InputError
     from kvviz.variants.bugs import CacheBug, catalogue, get_bug
 
 

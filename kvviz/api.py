@@ -12,7 +12,20 @@ from kvviz.engine import session as engine
 from kvviz.engine.models import LoadedModel
 from kvviz.engine.trace import Trace
 from kvviz.engine.variant import CacheVariant
+from kvviz.validate import InputError
 from kvviz.variants.bugs import get_bug
+
+
+def _variant(bug: str | CacheVariant | None) -> CacheVariant | None:
+    """A catalogue name looked up, an object passed through; anything else refused in one line."""
+    if bug is None or isinstance(bug, CacheVariant):
+        return bug
+    if not isinstance(bug, str):
+        raise InputError(f"bug must be a catalogue name, a cache variant or None, got {type(bug).__name__}")
+    try:
+        return get_bug(bug)
+    except ValueError as e:  # an unknown name: the message lists the catalogue
+        raise InputError(str(e)) from None
 
 
 class Session(engine.Session):
@@ -20,7 +33,7 @@ class Session(engine.Session):
 
     def __init__(self, lm: LoadedModel, prompt: str, max_new_tokens: int = 16, *,
                  bug: str | CacheVariant | None = None, **kwargs: Any) -> None:
-        super().__init__(lm, prompt, max_new_tokens, bug=get_bug(bug), **kwargs)
+        super().__init__(lm, prompt, max_new_tokens, bug=_variant(bug), **kwargs)
 
 
 def trace(lm: LoadedModel, prompt: str, steps: int = 16, *, bug: str | CacheVariant | None = None,
