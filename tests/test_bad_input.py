@@ -764,11 +764,23 @@ def test_17_6_escape_leaves_no_markdown_and_round_trips():
     assert "https:\\:\u2060" not in escaped and "https\\:\u2060" in escaped  # the URL is broken up for the linkifier
 
 
-def test_17_6_home_and_the_sidebar_escape_what_a_visitor_typed(tiny_checkpoint, monkeypatch):
+@pytest.fixture(scope="module")
+def long_context_checkpoint(tmp_path_factory) -> Path:
+    """The tiny GQA Llama with 512 positions: the hostile prompt is ~180 byte tokens, over the usual 128."""
+    from kvviz.testing import tiny_model
+
+    lm = tiny_model("llama_gqa", seed=1, max_positions=512)
+    path = tmp_path_factory.mktemp("tiny-llama-512")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_17_6_home_and_the_sidebar_escape_what_a_visitor_typed(long_context_checkpoint, monkeypatch):
     """Guards issue 17.6: on Home's quick run and in the sidebar error, links, images, bold and KaTeX rendered."""
     from kvviz.ui import kit
 
-    at = home_page(tiny_checkpoint)
+    at = home_page(long_context_checkpoint)
     next(t for t in at.text_input if t.label == "Prompt").input(HOSTILE_TEXT.replace("\n", " "))
     generate(at)
     assert errors(at) == []
@@ -781,7 +793,7 @@ def test_17_6_home_and_the_sidebar_escape_what_a_visitor_typed(tiny_checkpoint, 
     assert raw and "![img]" not in raw[0] and "\\!\\[img\\]" in raw[0]
 
 
-def test_17_6_a_hostile_prompt_renders_as_text_in_chromium(chromium, tiny_checkpoint):
+def test_17_6_a_hostile_prompt_renders_as_text_in_chromium(chromium, long_context_checkpoint):
     """What the visitor's browser draws from Home's quick run: no link, image, bold, code or KaTeX from the prompt."""
     import subprocess
 
@@ -790,7 +802,7 @@ def test_17_6_a_hostile_prompt_renders_as_text_in_chromium(chromium, tiny_checkp
     from scripts.browser import IDLE, free_port, launch, start_app, wait_healthy
 
     port = free_port()
-    proc = start_app(port, model=str(tiny_checkpoint))
+    proc = start_app(port, model=str(long_context_checkpoint))
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=120)
         with sync_playwright() as p:
@@ -904,3 +916,59 @@ def test_17_7_the_api_refuses_what_it_cannot_mean(tiny_llama):
         t.keys(layer=5, step=0)
     with pytest.raises(kvviz.InputError, match="head must be at most 3"):
         t.attention_matrix(layer=0, head=4, step=0)
+
+
+# -- 17.8 fairness under load -----------------------------------------------------------------------------------
+def test_17_8_pages_do_model_work_through_the_fair_queue_and_measure_only_on_request(tiny_checkpoint, monkeypatch):
+    """Guards issue 17.8: every session's CPU work ran at once, and the cost page started a timing run on each first
+    visit. (The other pages adopt `kit.model_work` when their rebuilds merge.)"""
+    from kvviz.engine import work
+
+    taken: list[bool] = []
+    real = work.FairQueue.slot
+
+    def spy(self: work.FairQueue, exclusive: bool = False, on_wait: Any = None) -> Any:
+        taken.append(exclusive)
+        return real(self, exclusive, on_wait)
+
+    monkeypatch.setattr(work.FairQueue, "slot", spy)
+    at = home_page(tiny_checkpoint)
+    generate(at)
+    assert errors(at) == [] and taken == [False]  # Home's quick run took one slot
+    at.switch_page(str(ROOT / "pages" / "cost.py")).run()
+    assert errors(at) == [] and taken == [False]  # a visit measures nothing
+    at.multiselect(key="cost_contexts").set_value([8, 16])
+    at.number_input(key="cost_repeats").set_value(1)
+    next(b for b in at.button if "Run the measurements" in b.label).click().run()
+    assert errors(at) == [] and taken == [False, True]  # the measurement ran alone
+    assert at.session_state["cost_sweep"] is not None
+
+
+def test_17_8_a_timing_runs_thread_count_never_reaches_another_visitors_work():
+    """Guards issue 17.8: the cost page's thread setting applied to the whole process (another visitor's run used
+    8 threads). The timing run holds the whole queue while it changes torch's threads."""
+    import threading
+
+    from kvviz.economics.cost import torch_threads
+    from kvviz.engine.work import FairQueue
+
+    q = FairQueue(workers=4, poll_seconds=0.01)
+    default = torch.get_num_threads()
+    timing_started, seen = threading.Event(), []
+
+    def timing() -> None:
+        with q.slot(exclusive=True), torch_threads(default + 2):
+            timing_started.set()
+            time.sleep(0.3)
+
+    def visitor() -> None:
+        timing_started.wait(10)
+        with q.slot():
+            seen.append(torch.get_num_threads())
+
+    threads = [threading.Thread(target=timing), *(threading.Thread(target=visitor) for _ in range(3))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert seen == [default] * 3
