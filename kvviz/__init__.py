@@ -35,7 +35,7 @@ _EXPORTS = {
     "Sampling": "kvviz.engine.sampling",
     "Session": "kvviz.api",
     "Limits": "kvviz.engine.session",
-    "InputError": "kvviz.engine.session",
+    "InputError": "kvviz.validate",
     "trace": "kvviz.api",
     "Trace": "kvviz.engine.trace",
     "Step": "kvviz.engine.trace",
@@ -75,11 +75,12 @@ if TYPE_CHECKING:
     from kvviz.api import Session, trace
     from kvviz.engine.models import LoadedModel, ModelLoadError, from_model, load_model
     from kvviz.engine.sampling import Sampling
-    from kvviz.engine.session import InputError, Limits
+    from kvviz.engine.session import Limits
     from kvviz.engine.trace import LayerStep, ModelInfo, Step, TokenProb, Trace
     from kvviz.geometry import KVGeometry
     from kvviz.variants.paired import PairedSession
     from kvviz.variants.registry import Variant, catalogue, get_variant
+    from kvviz.validate import InputError
 
 
 def __getattr__(name: str) -> Any:

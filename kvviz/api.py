@@ -12,10 +12,23 @@ from kvviz.engine import session as engine
 from kvviz.engine.models import LoadedModel
 from kvviz.engine.trace import Trace
 from kvviz.engine.variant import CacheVariant
+from kvviz.validate import InputError
 from kvviz.variants.paired import PairedSession
 from kvviz.variants.registry import get_variant
 
 __all__ = ["PairedSession", "Session", "trace"]
+
+
+def _variant(bug: str | CacheVariant | None, params: dict[str, Any] | None) -> CacheVariant | None:
+    """A registry name (with `params`) looked up, an object passed through; anything else refused in one line."""
+    if bug is None or isinstance(bug, CacheVariant):
+        return bug
+    if not isinstance(bug, str):
+        raise InputError(f"bug must be a registry name, a cache variant or None, got {type(bug).__name__}")
+    try:
+        return get_variant(bug, **(params or {}))
+    except ValueError as e:  # an unknown name or parameter: the message lists the valid ones
+        raise InputError(str(e)) from None
 
 
 class Session(engine.Session):
@@ -26,7 +39,7 @@ class Session(engine.Session):
 
     def __init__(self, lm: LoadedModel, prompt: str, max_new_tokens: int = 16, *,
                  bug: str | CacheVariant | None = None, params: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(lm, prompt, max_new_tokens, bug=get_variant(bug, **(params or {})), **kwargs)
+        super().__init__(lm, prompt, max_new_tokens, bug=_variant(bug, params), **kwargs)
 
 
 def trace(lm: LoadedModel, prompt: str, steps: int = 16, *, bug: str | CacheVariant | None = None,

@@ -2,10 +2,14 @@
 full recompute as the context grows (median and IQR over repeats), FLOPs per step both ways,
 prefill vs decode throughput, and the bytes a decode step must move.
 
-The measurements run when asked (a button) and are kept in this browser session's state.
+The measurements run only when asked (a button), alone: they hold the whole model queue
+(`kit.model_work(..., exclusive=True)`), so the torch thread count they set, process-wide, is
+theirs alone and restored before anyone else's forward runs. Results stay in this browser session.
 """
 
 from __future__ import annotations
+
+import os
 
 import streamlit as st
 
@@ -32,35 +36,39 @@ with st.form("cost_form"):
     contexts = c[0].multiselect("Context lengths", choices, default=cost.default_contexts(ctx), key="cost_contexts")
     repeats = c[1].number_input("Repeats", 1, 50, 5, key="cost_repeats", help="timed runs per point (after 2 warm-ups)")
     prompt_tokens = c[2].number_input("Prefill tokens", 8, max(8, ctx - 32), min(256, ctx // 2), key="cost_prompt")
-    threads = c[3].number_input("CPU threads", 1, 64, 1, key="cost_threads",
-                                help="torch threads while measuring (restored after). 1 gives steady timings on a "
-                                     "busy machine; more can be faster on an idle one.")
+    cores = os.cpu_count() or 1
+    threads = c[3].number_input("CPU threads", 1, cores, 1, key="cost_threads",
+                                help="torch threads while measuring (restored after; the measurement runs alone, so "
+                                     "nobody else's work uses them). 1 gives steady timings on a busy machine; more "
+                                     "can be faster on an idle one.")
     run = st.form_submit_button("Run the measurements", type="primary", icon=":material/timer:")
-    st.caption(f"On **{lm.name}** ({lm.info.device}, {lm.info.dtype}). A few seconds for the bundled model on a CPU; "
-               "much longer for large models at long contexts.")
+    st.caption(f"On **{kit.escape(lm.name)}** ({lm.info.device}, {lm.info.dtype}). A few seconds for the bundled model "
+               "on a CPU; much longer for large models at long contexts. It runs alone: other visitors' steps wait.")
 
 
 def measure() -> None:
     try:
-        with st.spinner("Timing cached and recomputed steps…"):
+        with kit.model_work("Timing", exclusive=True), st.spinner("Timing cached and recomputed steps…"):
             bar = st.progress(0.0)
             st.session_state.cost_sweep = cost.measure_steps(lm, contexts, repeats=int(repeats), progress=bar.progress,
                                                                threads=int(threads))
             bar.empty()
             st.session_state.cost_throughput = cost.measure_throughput(lm, int(prompt_tokens), 32, threads=int(threads))
         st.session_state.cost_error = None
-    except ValueError as e:
+    except ValueError as e:  # InputError (a full queue, bad contexts) and the economics' own checks
         st.session_state.cost_error = str(e)
 
 
-first_visit = st.session_state.cost_sweep is None and st.session_state.cost_error is None
-sweep = st.session_state.cost_sweep
-if run or first_visit or (sweep is not None and sweep.model != lm.name):
+if run:
     measure()
 if st.session_state.cost_error:
-    st.error(st.session_state.cost_error)
+    st.error(kit.escape(st.session_state.cost_error))
 sweep, th = st.session_state.cost_sweep, st.session_state.cost_throughput
+if sweep is not None and sweep.model != lm.name:  # measured on another model: not this one's numbers
+    sweep = th = None
 if sweep is None or th is None:
+    st.info("Pick the context lengths and press **Run the measurements**: nothing is timed until you ask.",
+            icon=":material/timer:")
     st.stop()
 
 last = sweep.steps[-1]

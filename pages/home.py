@@ -5,9 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from kvviz.api import trace
-from kvviz.engine.session import InputError
 from kvviz.geometry import dtype_bytes, kv_geometry
 from kvviz.ui import kit
+from kvviz.validate import InputError
 
 kit.page("Home")
 
@@ -45,11 +45,12 @@ with st.form("quick"):
     go_run = st.form_submit_button("Generate")
 if go_run:
     try:
-        t = trace(lm, prompt, steps)
+        with kit.model_work("Generating"):
+            t = trace(lm, prompt, steps)
     except InputError as e:
-        st.error(str(e))
+        st.error(kit.escape(str(e)))
     else:
-        st.markdown(f"**{t.prompt}**{t.generated_text}")
+        st.markdown(f"**{kit.escape(t.prompt)}**{kit.escape(t.generated_text)}")
         worst = max(s.max_abs_logit_diff or 0.0 for s in t.steps)
         st.caption(
             f"cache grew from {t.steps[0].cache_len} to {t.steps[-1].cache_len} positions; "

@@ -15,14 +15,16 @@ import pytest
 
 KVVIZ = Path(__file__).resolve().parents[1] / "kvviz"
 
-# what each part of kvviz may import from kvviz (itself always): the layering in README's Layout
+# what each part of kvviz may import from kvviz (itself always): the layering in README's Layout.
+# validate (the one error type, input checks, settings) sits at the bottom beside geometry.
 ALLOWED = {
-    "geometry": set(),
-    "engine": {"geometry"},
-    "variants": {"engine", "geometry"},
-    "economics": {"engine", "geometry"},
-    "figures": {"engine", "economics", "geometry", "variants"},  # variants: its torch-free evidence (light test below)
-    "api": {"engine", "variants"},
+    "validate": set(),
+    "geometry": {"validate"},
+    "engine": {"geometry", "validate"},
+    "variants": {"engine", "geometry", "validate"},
+    "economics": {"engine", "geometry", "validate"},
+    "figures": {"engine", "economics", "geometry", "validate", "variants"},  # variants: its torch-free evidence
+    "api": {"engine", "variants", "validate"},
 }
 
 
@@ -57,7 +59,8 @@ def test_imports_run_one_way():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("module", ["kvviz", "kvviz.geometry", "kvviz.engine.trace", "kvviz.figures.step",
+@pytest.mark.parametrize("module", ["kvviz", "kvviz.validate", "kvviz.geometry", "kvviz.engine.config",
+                                    "kvviz.engine.trace", "kvviz.figures.step",
                                     "kvviz.figures.variants", "kvviz.variants.evidence",
                                     "kvviz.variants.explain", "kvviz.figures.cost", "kvviz.figures.memory",
                                     "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged"])

@@ -9,20 +9,39 @@
     bench     measure capture overhead, cache speed-up and trace size
 
 Each subcommand lives in its own module with a `register(subparsers)`; `COMMANDS` lists them.
-Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+Every failure a user can cause ends in one line on stderr and exit code 2 (`kvviz.InputError`,
+argparse's usage errors); anything else is a kvviz bug and ends in one line and exit code 1
+(KVVIZ_TRACEBACK=1 shows where). Never a traceback by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from kvviz.cli import bench, bugs, memory, trace, variants
-from kvviz.cli.common import CLIError
+from kvviz.cli.common import check_out
+from kvviz.validate import InputError, one_line, settings
 
 # every subcommand module, in help order: one line each, no discovery
 COMMANDS = (trace, bugs, variants, memory, bench)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other kvviz error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        say(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
+def say(message: str) -> None:
+    """One line on stderr. Lone surrogates (a non-UTF-8 command line) are escaped, not a crash while erroring."""
+    line = f"kvviz: error: {one_line(message)}"
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 def quiet_transformers() -> None:
@@ -34,29 +53,36 @@ def quiet_transformers() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kvviz", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m kvviz", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
         command.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kvviz.engine.models import ModelLoadError
-    from kvviz.engine.session import InputError
+    from kvviz.engine.session import is_out_of_memory
 
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_transformers()
     try:
+        settings()  # a deployment's KVVIZ_* variables, checked before any work
+        check_out(args)  # a bad --out fails now, not after a long run
         return int(args.func(args))
-    except (CLIError, ModelLoadError, InputError, ValueError) as e:
-        print(f"kvviz: error: {e}", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as e:
-        if "out of memory" not in str(e).lower() and not isinstance(e, MemoryError):
-            raise
-        print("kvviz: error: out of memory; use a smaller model, prompt or fewer steps", file=sys.stderr)
+    except ValueError as e:  # InputError and its kinds (ModelLoadError, RunAborted); geometry's ValueErrors
+        say(str(e))
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if is_out_of_memory(e):
+            say("out of memory; use a smaller model, prompt or fewer steps")
+            return 2
+        if os.environ.get("KVVIZ_TRACEBACK"):
+            traceback.print_exc()
+        say(f"unexpected {type(e).__name__}: {e} (a kvviz bug: please report it; KVVIZ_TRACEBACK=1 shows where)")
+        return 1
+
+
+__all__ = ["COMMANDS", "InputError", "build_parser", "main"]

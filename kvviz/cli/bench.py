@@ -9,15 +9,14 @@ from typing import Any
 import torch
 
 from kvviz.cli.common import emit, load
+from kvviz.validate import whole_number
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvviz import bench
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(whole_number(args.threads, "--threads", 1, 1024))
     lm = bench.synthetic_model(args.model) if args.model.startswith("random:") else load(args)
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = bench.run_bench(lm, contexts=args.contexts, repeats=args.repeats, warmup=args.warmup, progress=progress)

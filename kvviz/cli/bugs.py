@@ -15,6 +15,7 @@ import textwrap
 from typing import Any
 
 from kvviz.cli.common import DEFAULT_PROMPT, CLIError, add_model, add_sampling, emit, load, sampling_from_args
+from kvviz.validate import text, whole_number
 
 
 def format_catalogue(entries: list[dict[str, Any]]) -> str:
@@ -84,11 +85,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     params = parse_params(args.param)
     get_variant(args.bug, **params)  # an unknown name or parameter fails here, before a model is loaded
-    if not args.prompt.strip():
+    if not text(args.prompt, "--prompt").strip():
         raise CLIError("the prompt is empty: pass --prompt with some text")
+    steps = whole_number(args.steps, "--steps", 1)
+    whole_number(args.start_step, "--start-step", 0, steps)  # a bug from step 1000 of 8 would never show
+    sampling = sampling_from_args(args)
     lm = load(args)
     d = diagnose(lm, args.bug, args.prompt, args.steps, layers=args.layers, start_step=args.start_step,
-                 sampling=sampling_from_args(args), **params).to_dict()
+                 sampling=sampling, **params).to_dict()
     emit(args, d, format_diagnosis(d))
     return 0
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 from typing import Any
 
 from kvviz.engine import DEFAULT_PROMPT
+from kvviz.validate import InputError, dumps, real_number, whole_number
 
-__all__ = ["DEFAULT_PROMPT", "CLIError", "add_model", "add_sampling", "emit", "load", "sampling_from_args"]
+__all__ = ["DEFAULT_PROMPT", "CLIError", "add_model", "add_sampling", "check_out", "emit", "load", "sampling_from_args"]
 
 
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit code 2."""
+class CLIError(InputError):
+    """A user-facing failure of the command line: printed as one line, exit code 2."""
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -30,13 +31,29 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> Any:
+    """Greedy unless a sampling option is given; every option checked first (`--top-p nan` is not 'off')."""
     from kvviz.engine.sampling import Sampling
 
-    sampled = args.temperature is not None or args.top_k or args.top_p < 1.0
+    top_p = real_number(args.top_p, "--top-p", 0.0, 1.0, lo_open=True)
+    top_k = whole_number(args.top_k, "--top-k", 0)
+    temperature = None if args.temperature is None else real_number(args.temperature, "--temperature", 0.0)
+    sampled = temperature is not None or top_k or top_p < 1.0
     if args.greedy or not sampled:
         return Sampling(seed=args.seed)
-    return Sampling(greedy=False, temperature=1.0 if args.temperature is None else args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return Sampling(greedy=False, temperature=1.0 if temperature is None else temperature,
+                    top_k=top_k, top_p=top_p, seed=args.seed)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """`--out` must name a file in an existing folder: checked before the work, not after it."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    path = Path(out).expanduser()
+    if not out.strip() or path.is_dir():
+        raise CLIError(f"--out {out!r} is a directory: give a file name, e.g. {Path(out) / 'trace.json'}")
+    if not path.parent.is_dir():
+        raise CLIError(f"--out {out!r}: the folder {str(path.parent)!r} does not exist")
 
 
 def load(args: argparse.Namespace) -> Any:
@@ -47,8 +64,11 @@ def load(args: argparse.Namespace) -> Any:
 
 def emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     """Print JSON (with --json) or the readable text; also write --out if given."""
-    out = json.dumps(payload, indent=None if args.json else 2) if args.json else text
+    out = dumps(payload) if args.json else text  # strict JSON: NaN is written as null
     if getattr(args, "out", None):
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(json.dumps(payload) if args.json or args.out.endswith(".json") else text)
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(dumps(payload) if args.json or args.out.endswith(".json") else text)
+        except OSError as e:
+            raise CLIError(f"cannot write --out {args.out!r}: {e.strerror or type(e).__name__}") from None
     print(out)

@@ -21,11 +21,12 @@ from typing import Any
 
 from kvviz.cli.common import CLIError, emit
 from kvviz.economics.memory import (
-    count_parameters,
     dtype_table,
     estimate,
     load_config_source,
     preset_configs,
+    spec_from_config,
+    spec_from_numbers,
     weight_bytes,
 )
 from kvviz.geometry import (
@@ -46,14 +47,11 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise CLIError("pass either --config or --layers/--kv-heads/--head-dim, not both")
     n_params = None
     if args.config:
-        cfg = load_config_source(args.config)
-        geo = kv_geometry(cfg)
-        try:
-            n_params = count_parameters(cfg)
-        except ValueError:
-            n_params = None  # a model_type transformers does not know: the cache math still holds
+        spec = spec_from_config(load_config_source(args.config), args.config)  # read strictly, fields bounded
+        geo, n_params = spec.geometry, spec.parameters
     elif all(n is not None for n in numbers):
-        geo = geometry_from_numbers(args.layers, args.kv_heads, args.head_dim, num_heads=args.heads)
+        heads = args.kv_heads if args.heads is None else args.heads
+        geo = spec_from_numbers(args.layers, heads, args.kv_heads, args.head_dim).geometry  # each number checked
     else:
         raise CLIError(
             "say which model: --config PATH_OR_ID (a config.json, a checkpoint dir, a preset such as "

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from kvviz.cli.common import CLIError, add_model, add_sampling, emit, load, sampling_from_args
+from kvviz.validate import text
 
 
 def format_trace(d: dict[str, Any]) -> str:
@@ -30,10 +31,11 @@ def format_trace(d: dict[str, Any]) -> str:
 def cmd_trace(args: argparse.Namespace) -> int:
     from kvviz.api import trace
 
-    if not args.prompt.strip():
+    if not text(args.prompt, "--prompt").strip():
         raise CLIError("the prompt is empty: pass --prompt with some text")
+    sampling = sampling_from_args(args)  # checked before the model loads
     lm = load(args)
-    t = trace(lm, args.prompt, args.steps, bug=args.bug, sampling=sampling_from_args(args), parity=not args.no_parity)
+    t = trace(lm, args.prompt, args.steps, bug=args.bug, sampling=sampling, parity=not args.no_parity)
     d = t.to_dict()
     emit(args, d, format_trace(d))
     return 0

@@ -17,12 +17,12 @@ Sources for the configs in `data/configs/`: each model's published `config.json`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from kvviz.engine.config import BOUNDS, check_config, parameter_count, read_config_file
+from kvviz.engine.config import parse_config_json as parse_config_json  # pages read uploads through here
 from kvviz.geometry import (
     CACHE_DTYPES,
     QUANTIZED,
@@ -33,6 +33,7 @@ from kvviz.geometry import (
     normalize_dtype,
     resolve_group_size,
 )
+from kvviz.validate import InputError, real_number, whole_number
 
 # Usable device memory of common accelerators, in bytes (marketing "GB" are GiB here: an
 # A100-80GB reports 81,920 MiB). The CUDA context takes a few hundred MiB more in practice.
@@ -46,6 +47,11 @@ GPU_PRESETS: dict[str, int] = {
     "AMD MI300X (192 GB)": 192 * 2**30,
 }
 
+# what a calculation may be asked for (a million times any real deployment, and still exact in int arithmetic)
+MAX_TOKENS = 2**40
+MAX_BATCH = 10**7
+MAX_PARAMETERS_BILLIONS = 100_000.0
+
 # hand-written configs of each family (published values), for tests and the calculator's presets
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "data" / "configs"
 # old preset names that still resolve: mistral-7b.json was Mistral-7B-v0.1 (v0.2/v0.3 have no window)
@@ -58,81 +64,47 @@ def preset_configs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A config.json (or a directory holding one) as a dict; ValueError saying what is wrong."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.exists():
-        raise ValueError(f"no config.json at {str(path)!r}: pass a config.json file or a checkpoint directory")
-    return parse_config_json(p.read_text(encoding="utf-8"), source=str(p))
-
-
-def parse_config_json(text: str | bytes, source: str = "the uploaded file") -> dict[str, Any]:
-    """Parse config.json text (an upload, a file) into a dict, with a readable error."""
-    try:
-        cfg = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{source} is not valid JSON ({e}): upload the model's config.json") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{source} is JSON but not an object: upload the model's config.json")
-    return cfg
-
-
 def load_config_source(source: str) -> dict[str, Any]:
     """Config dict from a preset name, a config.json path/directory, or a hub id (online only).
 
-    Raises ValueError for a bad file and `kvviz.engine.models.ModelLoadError` (a ValueError) when a hub
-    id cannot be fetched (offline, unknown, needs remote code).
+    Presets ship with kvviz and are always readable; a path or hub id goes through the
+    deployment's allow-list first (`kvviz.engine.models.check_allowed`, the same gate as loading a
+    model). Every config is read strictly (`kvviz.engine.config`). Raises InputError (ModelLoadError
+    is one) saying what is wrong.
     """
+    if not isinstance(source, str) or not source.strip():
+        raise InputError("no config given: pass a config.json path, a directory, a preset name or a hub id")
     source = source.strip()
-    if not source:
-        raise ValueError("no config given: pass a config.json path, a directory, a preset name or a hub id")
     presets = preset_configs()
     source = PRESET_ALIASES.get(source, source)
     if source in presets:
         return read_config_file(presets[source])
-    p = Path(source).expanduser()
-    if p.exists() or source.endswith(".json"):
-        return read_config_file(p)
-    from kvviz.engine.models import load_config  # a hub id: needs the network (or the local HF cache)
+    from kvviz.engine import models  # the allow-list and hub access live with model loading
 
-    return load_config(source).to_dict()
+    models.check_allowed(source)  # before the name touches the file system: one message either way
+    if source.endswith(".json") and models.is_local(source):
+        return read_config_file(source)
+    return models.read_model_config(source)
 
 
 def to_transformers_config(cfg: dict[str, Any]) -> Any:
-    """A transformers config object for a config dict (for counting parameters)."""
+    """A transformers config object for a checked config dict."""
     from transformers import AutoConfig
 
     model_type = cfg.get("model_type")
     if not model_type:
-        raise ValueError("the config has no model_type, so its parameters cannot be counted")
+        raise InputError("the config has no model_type")
     fields = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("model_type", "transformers_version")}
     return AutoConfig.for_model(model_type, **fields)
 
 
-@lru_cache(maxsize=64)
-def _count_parameters(config_json: str) -> int:
-    import torch
-
-    from kvviz.engine.models import estimate_weight_bytes
-
-    config = to_transformers_config(json.loads(config_json))
-    # at one byte per element the byte count is the parameter count (counted on the meta device)
-    return estimate_weight_bytes(config, torch.int8)
-
-
 def count_parameters(config: dict[str, Any] | Any) -> int:
-    """Parameters of the model a config describes, counted on the meta device (nothing allocated).
+    """Parameters of the model a config describes, by arithmetic from its checked fields (nothing built).
 
-    Tied input/output embeddings count once. Raises ValueError when transformers does not know
-    the model_type.
+    Tied input/output embeddings count once. Exact for the families kvviz tests, an estimate for others.
     """
     cfg = config if isinstance(config, dict) else config.to_dict()
-    try:
-        return _count_parameters(json.dumps(cfg, sort_keys=True, default=str))
-    except Exception as e:  # an uploaded config can make transformers' config class fail in any way
-        raise ValueError(f"cannot count the parameters of model_type {cfg.get('model_type')!r}: {e}") from e
+    return parameter_count(cfg)
 
 
 def weight_bytes(n_params: int, dtype: str = "float16") -> int:
@@ -219,16 +191,15 @@ MAX_BATCH = 1 << 24
 
 def estimate(geo: KVGeometry, tokens: int, batch: int = 1, dtype: str = "float16",
              weights_bytes: int | None = None, group_size: int | None = None, state_dtype: str | None = None) -> MemoryEstimate:
-    """The estimate for `batch` x `tokens` (ValueError for impossible sizes). States are kept in
+    """The estimate for `batch` x `tokens` (InputError for impossible sizes). States are kept in
     `state_dtype`: by default the cache dtype, or bfloat16 when the cache is quantized."""
-    if isinstance(tokens, bool) or isinstance(batch, bool) or not 0 <= int(tokens) <= MAX_TOKENS \
-            or not 1 <= int(batch) <= MAX_BATCH:
-        raise ValueError(f"tokens must be 0 to {MAX_TOKENS:,} and batch 1 to {MAX_BATCH:,}; got tokens={tokens}, batch={batch}")
+    tokens = whole_number(tokens, "tokens", 0, MAX_TOKENS)
+    batch = whole_number(batch, "batch", 1, MAX_BATCH)
     dtype = normalize_dtype(dtype)
     resolve_group_size(dtype, group_size)  # a bad group size fails here, with its message
     if state_dtype is None:
         state_dtype = "bfloat16" if dtype in QUANTIZED else dtype
-    return MemoryEstimate(geo, dtype, int(tokens), int(batch), weights_bytes, group_size, normalize_dtype(state_dtype))
+    return MemoryEstimate(geo, dtype, tokens, batch, weights_bytes, group_size, normalize_dtype(state_dtype))
 
 
 def dtype_table(geo: KVGeometry, tokens: int, batch: int = 1, group_size: int | None = None) -> list[dict[str, Any]]:
@@ -286,21 +257,14 @@ class ModelSpec:
         return 0 if self.parameters is None else weight_bytes(self.parameters, dtype)
 
 
-# counting parameters builds the model on the meta device: bigger than this, it takes too long for a page
-COUNTABLE_LAYERS, COUNTABLE_HIDDEN = 1024, 1 << 17
-
-
 def spec_from_config(cfg: dict[str, Any], label: str) -> ModelSpec:
-    """Geometry (ValueError if the config cannot give one) and, when transformers can build the
-    model on the meta device, its parameter count."""
-    geo = kv_geometry(cfg)
-    if geo.num_layers > COUNTABLE_LAYERS or geo.hidden_size > COUNTABLE_HIDDEN:
-        return ModelSpec(label, geo, None, note=f"parameters not counted: {geo.num_layers:,} layers of "
-                                                f"{geo.hidden_size:,} is beyond what kvviz builds to count")
+    """A config's geometry and parameter count (checked first: the caller may hand any dict)."""
+    check_config(cfg, label)
     try:
-        return ModelSpec(label, geo, count_parameters(cfg))
-    except ValueError as e:
-        return ModelSpec(label, geo, None, note=str(e))
+        geo = kv_geometry(cfg)
+    except ValueError as e:  # no layers / heads / hidden size
+        raise InputError(str(e)) from None
+    return ModelSpec(label, geo, count_parameters(cfg))
 
 
 def spec_from_model(model: Any, label: str) -> ModelSpec:
@@ -310,6 +274,15 @@ def spec_from_model(model: Any, label: str) -> ModelSpec:
 
 def spec_from_numbers(num_layers: int, num_heads: int, num_key_value_heads: int, head_dim: int,
                       parameters_billions: float = 0.0, max_positions: int = 0) -> ModelSpec:
+    """Numbers typed in, each a whole number within `kvviz.engine.config.BOUNDS`."""
+    num_layers = whole_number(num_layers, "layers", *BOUNDS["layers"])
+    num_heads = whole_number(num_heads, "query heads", *BOUNDS["heads"])
+    num_key_value_heads = whole_number(num_key_value_heads, "KV heads", *BOUNDS["kv_heads"])
+    head_dim = whole_number(head_dim, "head_dim", *BOUNDS["head_dim"])
+    max_positions = whole_number(max_positions, "context", *BOUNDS["positions"])
+    parameters_billions = real_number(parameters_billions, "parameters (billions)", 0.0, MAX_PARAMETERS_BILLIONS)
+    if num_key_value_heads > num_heads or num_heads % num_key_value_heads:
+        raise InputError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_key_value_heads})")
     geo = geometry_from_numbers(num_layers, num_key_value_heads, head_dim, num_heads=num_heads, max_positions=max_positions)
     params = int(parameters_billions * 1e9) if parameters_billions > 0 else None
     return ModelSpec("typed in", geo, params, note="" if params else "type a parameter count to see the weights' share")

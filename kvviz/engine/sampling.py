@@ -11,6 +11,13 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from kvviz.validate import InputError, real_number, whole_number
+
+# Below this a temperature overflows float32 (logits / 1e-45 = inf, then softmax gives NaN); it is
+# greedy in all but name anyway. Above the maximum every token is equally likely to many digits.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -23,12 +30,16 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.greedy and self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        """Every field checked (InputError): nan, 1e-45, True or '0.9' would otherwise mean something else."""
+        if not isinstance(self.greedy, bool):
+            raise InputError(f"greedy must be True or False, got {type(self.greedy).__name__}")
+        t = real_number(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        if 0 < t < MIN_TEMPERATURE:
+            raise InputError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t:g}")
+        object.__setattr__(self, "temperature", t)
+        object.__setattr__(self, "top_k", whole_number(self.top_k, "top_k (0 = off)", 0, 1_000_000))
+        object.__setattr__(self, "top_p", real_number(self.top_p, "top_p", 0.0, 1.0, lo_open=True))
+        object.__setattr__(self, "seed", whole_number(self.seed, "seed", 0, 2**63 - 1))
 
     @property
     def is_greedy(self) -> bool:
@@ -67,4 +78,6 @@ def choose(
         return int(torch.argmax(logits).item())
     scores = sampling.processors()(input_ids, logits[None, :].float())  # (1, vocab)
     probs = torch.softmax(scores, dim=-1).cpu()
+    if not bool(torch.isfinite(probs).all()):  # guarded by Session's check of the logits; never multinomial's error
+        raise InputError("the next-token probabilities are not finite numbers (NaN or infinity): nothing to sample")
     return int(torch.multinomial(probs[0], 1, generator=generator).item())

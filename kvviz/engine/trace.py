@@ -12,13 +12,19 @@ seq_len, head_dim), batch size 1 dropped.
 
 from __future__ import annotations
 
-import json
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kvviz.geometry import KVGeometry
+from kvviz.validate import InputError, dumps, finite_or_none, whole_number
+from kvviz.validate import settings as deployment
+
+# bytes one float32 takes in the JSON export: "0.012345678363037109, " (19-22 measured), "0.0, " for a zero
+JSON_BYTES_PER_FLOAT = 21
+JSON_BYTES_PER_ZERO = 5
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,18 @@ class Trace:
         """Every token in order: prompt, then generated."""
         return self.prompt_tokens + tuple(s.token for s in self.steps)
 
+    def _step(self, step: int) -> int:
+        """`step` checked against the recorded steps (0 = prefill): no silent clamping, no negative indexing."""
+        if not self.steps:
+            raise InputError("the trace has no recorded steps yet: run prefill first")
+        return whole_number(step, "step", 0, len(self.steps) - 1)
+
+    def _layer(self, layer: int) -> int:
+        return whole_number(layer, "layer", 0, self.model.num_layers - 1)
+
     def cached_tokens(self, step: int) -> tuple[str, ...]:
         """Labels of the cache rows after `step` (assumes a correct, append-only cache)."""
-        return self.tokens[: self.steps[step].cache_len]
+        return self.tokens[: self.steps[self._step(step)].cache_len]
 
     def keys(self, layer: int, step: int) -> np.ndarray:
         """K in the cache after `step`: (num_key_value_heads, kv_len, head_dim).
@@ -132,6 +147,7 @@ class Trace:
         What was attended if it was recorded (a buggy cache), else the concatenation of the new
         rows of steps 0..step (a correct cache only ever appends).
         """
+        layer, step = self._layer(layer), self._step(step)
         rec = self.steps[step].layers[layer]
         if rec.attended_keys is not None:
             return rec.attended_keys
@@ -139,6 +155,7 @@ class Trace:
 
     def values(self, layer: int, step: int) -> np.ndarray:
         """V in the cache after `step`: (num_key_value_heads, kv_len, head_dim)."""
+        layer, step = self._layer(layer), self._step(step)
         rec = self.steps[step].layers[layer]
         if rec.attended_values is not None:
             return rec.attended_values
@@ -150,6 +167,8 @@ class Trace:
         Row i is query position i; prefill gives the causal triangle over the prompt and each
         decode step adds one row one column longer.
         """
+        layer, step = self._layer(layer), self._step(step)
+        head = whole_number(head, "head", 0, self.model.num_heads - 1)
         rows = [s.layers[layer].weights[head] for s in self.steps[: step + 1]]  # each (q_len, kv_len)
         n_rows = sum(r.shape[0] for r in rows)
         n_cols = max(r.shape[1] for r in rows)
@@ -207,19 +226,97 @@ class Trace:
                 "recompute_ms": s.recompute_ms,
             }
             if arrays:
-                entry["layers"] = [
-                    {
-                        "layer_idx": layer.layer_idx,
-                        "kv_head_of": layer.kv_head_of.tolist(),
-                        "query_states": layer.query_states.tolist(),
-                        "key_states": layer.key_states.tolist(),
-                        "value_states": layer.value_states.tolist(),
-                        "weights": layer.weights.tolist(),
-                    }
-                    for layer in s.layers
-                ]
+                entry["layers"] = [_layer_arrays(layer) for layer in s.layers]
             out["steps"].append(entry)
         return out
 
     def to_json(self, *, arrays: bool = False) -> str:
-        return json.dumps(self.to_dict(arrays=arrays))
+        """Strict JSON (non-finite numbers are null). For downloads use `export`, which is bounded."""
+        return dumps(self.to_dict(arrays=arrays))
+
+    def export_size(self, *, arrays: bool = False) -> int:
+        """About how many bytes `export` writes (a little more, rarely less): the summary, and with arrays
+        ~21 bytes per recorded float (5 per zero: the future half of prefill's attention)."""
+        summary = 2_000 + sum(600 + 60 * len(s.top_k) + 16 * (len(s.input_ids) + len(s.positions)) for s in self.steps)
+        if not arrays:
+            return summary
+        arrays_of = [a for s in self.steps for layer in s.layers
+                     for a in (layer.query_states, layer.key_states, layer.value_states, layer.weights)]
+        floats = sum(a.size for a in arrays_of)
+        nonzero = sum(int(np.count_nonzero(a)) for a in arrays_of)
+        return summary + JSON_BYTES_PER_FLOAT * nonzero + JSON_BYTES_PER_ZERO * (floats - nonzero)
+
+    def export(self, *, arrays: bool = False, max_bytes: int | None = None) -> bytes:
+        """The trace as strict JSON bytes for a download or a file, never more than `max_bytes`
+        (default: the deployment's KVVIZ_MAX_EXPORT_MB).
+
+        Refused up front when `export_size` is over the cap, and written one head's rows at a time so
+        the server holds the output plus a few rows as Python floats, not every array at once (a
+        480-token "all arrays" export took +626 MiB that way). InputError when over the cap.
+        """
+        cap = deployment().max_export_mb * 2**20 if max_bytes is None else max_bytes
+        if self.export_size(arrays=arrays) > cap:
+            raise InputError(self._too_big(arrays, cap))
+        head = self.to_dict(arrays=False)
+        steps = head.pop("steps")
+        out = _Capped(cap, self._too_big(arrays, cap))
+        out.write(dumps(head)[:-1] + ', "steps": [')
+        for i, (entry, s) in enumerate(zip(steps, self.steps)):
+            out.write(", " if i else "")
+            if not arrays:
+                out.write(dumps(entry))
+                continue
+            out.write(dumps(entry)[:-1] + ', "layers": [')
+            for j, layer in enumerate(s.layers):
+                out.write(", " if j else "")
+                _write_layer_arrays(out, layer)
+            out.write("]}")
+        out.write("]}")
+        return out.getvalue()
+
+    def _too_big(self, arrays: bool, cap: int) -> str:
+        what = "the trace with all arrays" if arrays else "the trace"
+        return (f"{what} would be about {self.export_size(arrays=arrays) / 2**20:.0f} MiB, above this server's export "
+                f"cap of {cap / 2**20:.0f} MiB: export the summary, or record fewer steps or a shorter prompt")
+
+
+LAYER_ARRAYS = ("query_states", "key_states", "value_states", "weights")  # what "all arrays" exports per layer
+
+
+def _layer_arrays(layer: LayerStep) -> dict[str, Any]:
+    """One layer's recorded arrays as nested lists, non-finite numbers as null (strict JSON)."""
+    out: dict[str, Any] = {"layer_idx": layer.layer_idx, "kv_head_of": layer.kv_head_of.tolist()}
+    for name in LAYER_ARRAYS:
+        a = getattr(layer, name)
+        out[name] = a.tolist() if np.isfinite(a).all() else finite_or_none(a.tolist())
+    return out
+
+
+def _write_layer_arrays(out: _Capped, layer: LayerStep) -> None:
+    """`_layer_arrays(layer)` written piece by piece: one head's rows as Python floats at a time."""
+    out.write(f'{{"layer_idx": {layer.layer_idx}, "kv_head_of": {dumps(layer.kv_head_of.tolist())}')
+    for name in LAYER_ARRAYS:
+        a = getattr(layer, name)  # (heads, rows, cols)
+        out.write(f', "{name}": [')
+        for h in range(a.shape[0]):
+            out.write((", " if h else "") + dumps(a[h].tolist()))
+        out.write("]")
+    out.write("}")
+
+
+class _Capped:
+    """A UTF-8 buffer that refuses (InputError) to grow past `cap` bytes."""
+
+    def __init__(self, cap: int, message: str) -> None:
+        self.cap, self.message, self.size = cap, message, 0
+        self._buf = io.BytesIO()
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        self.size += len(data)
+        if self.size > self.cap:
+            raise InputError(self.message)
+        self._buf.write(data)
+
+    def getvalue(self) -> bytes:
+        return self._buf.getvalue()

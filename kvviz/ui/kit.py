@@ -15,7 +15,7 @@ the page script alone, without `app.py`. So every page calls `kit.page()` first,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -25,11 +25,14 @@ import streamlit as st
 
 from kvviz.engine import DEFAULT_PROMPT
 from kvviz.engine.models import LoadedModel
+from kvviz.engine.work import model_queue
 from kvviz.ui import model, state
 from kvviz.ui.model import current_model, require_model
+from kvviz.ui.text import escape
+from kvviz.validate import InputError, settings
 
-__all__ = ["DEFAULT_PROMPT", "PAGES", "chart", "current_model", "head_picks", "page", "picker", "play_tick", "require_model",
-           "run_app"]
+__all__ = ["DEFAULT_PROMPT", "PAGES", "chart", "current_model", "escape", "head_picks", "model_work", "page", "picker",
+           "play_tick", "require_model", "run_app"]
 
 ROOT = Path(__file__).resolve().parents[2]
 # (file, title, icon) in menu order; the first is the default page. Every file must exist.
@@ -94,8 +97,48 @@ def page(title: str) -> LoadedModel | None:
     if not _THROUGH_APP.get():
         _navigation_from_a_page()
     st.set_page_config(page_title=f"{title} · kvviz", page_icon=":material/grid_view:", layout="wide")
+    check_settings()
     state.init()
     return model.model_sidebar()
+
+
+def check_settings() -> None:
+    """A deployment's KVVIZ_* variables, checked before anything runs: a bad value stops every page
+    with one message naming the variable, instead of a traceback wherever it is first read."""
+    try:
+        settings()
+    except InputError as e:
+        st.error(f"kvviz is misconfigured, so nothing runs: {escape(str(e))}. The server's operator must fix it "
+                 "and restart.", icon=":material/settings_alert:")
+        st.stop()
+
+
+@contextmanager
+def model_work(what: str, exclusive: bool = False) -> Iterator[None]:
+    """Run the block's model work through the process-wide fair queue (`kvviz.engine.work`).
+
+    While other visitors' work runs, a note here says where this visitor is in the line; it goes
+    away when the work starts. `exclusive` runs alone (timing runs that change torch's threads).
+    Every page's forwards go through this:
+
+        with kit.model_work("Stepping"):
+            session.step()
+
+    A full queue raises `QueueFull`, an InputError the page shows like any other.
+    """
+    note = st.empty()
+
+    def waiting(ahead: int, running: int, waited: float) -> None:
+        place = "next in line" if ahead == 0 else f"{ahead} visitor{'s' if ahead > 1 else ''} ahead of you"
+        note.info(f"{what}: waiting for the model ({place}; {running} run{'s' if running != 1 else ''} in progress, "
+                  f"{waited:.0f} s so far)", icon=":material/hourglass_top:")
+
+    try:
+        with model_queue().slot(exclusive=exclusive, on_wait=waiting):
+            note.empty()
+            yield
+    finally:
+        note.empty()
 
 
 def chart(fig: Any, key: str, shown: dict | None = None) -> None:

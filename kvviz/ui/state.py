@@ -7,19 +7,19 @@ owned by their widgets and not listed; these are the keys pages read and write t
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import streamlit as st
 
-from kvviz.engine.models import BUNDLED
+from kvviz.validate import settings
 
 
 def _defaults() -> dict[str, Any]:
     return {
         # -- shared: the sidebar's model ---------------------------------------------------------
-        # the last model that loaded; KVVIZ_DEFAULT_MODEL picks the first (deployments, tests)
-        "model_name": os.environ.get("KVVIZ_DEFAULT_MODEL", "").strip() or BUNDLED,
+        # the last model that loaded; KVVIZ_DEFAULT_MODEL picks the first (the first allowed one if
+        # KVVIZ_ALLOWED_MODELS does not list it); checked by kit.page before this runs
+        "model_name": settings().start_model,
         "model_error": None,  # message of the last failed load, shown once
         # -- Step through --------------------------------------------------------------------------
         "step_session": None,  # this browser session's kvviz.Session: its own cache, RNG and records

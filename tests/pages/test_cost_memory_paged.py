@@ -101,8 +101,16 @@ def test_memory_page_presets_numbers_paths_and_the_measured_cache(tiny_checkpoin
     assert f"**{run.cache.nbytes():,} B**" in live and "equal ✓" in live
 
 
-def test_cost_page_measures_on_first_visit_and_reruns_on_the_button(tiny_checkpoint):
+def run_button(at: AppTest) -> None:
+    next(b for b in at.button if "Run the measurements" in b.label).click().run()
+
+
+def test_cost_page_measures_only_on_the_button(tiny_checkpoint):
+    """Guards issue 17: a first visit started a timing run for every visitor; now nothing runs until asked."""
     at = open_page(tiny_checkpoint, "cost.py")
+    assert errors(at) == [] and at.session_state["cost_sweep"] is None and not charts(at)
+    assert any("nothing is timed until you ask" in i.value for i in at.info)
+    run_button(at)
     assert errors(at) == []
     sweep = at.session_state["cost_sweep"]
     assert [s.context for s in sweep.steps] == [8, 16, 32, 64, 128]  # the tiny model's context is 128
@@ -116,13 +124,13 @@ def test_cost_page_measures_on_first_visit_and_reruns_on_the_button(tiny_checkpo
 
     at.multiselect(key="cost_contexts").set_value([8, 32])
     at.number_input(key="cost_repeats").set_value(2)
-    next(b for b in at.button if "Run the measurements" in b.label).click().run()
+    run_button(at)
     new = at.session_state["cost_sweep"]
     assert errors(at) == [] and new is not sweep
     assert [s.context for s in new.steps] == [8, 32] and all(len(s.cached_ms.samples) == 2 for s in new.steps)
 
     at.multiselect(key="cost_contexts").set_value([])
-    next(b for b in at.button if "Run the measurements" in b.label).click().run()
+    run_button(at)
     assert any("context lengths must be" in e for e in errors(at))
     assert at.session_state["cost_sweep"] is new  # the last good measurement is kept and shown
     assert len(charts(at)) == 4
