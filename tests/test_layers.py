@@ -21,7 +21,8 @@ ALLOWED = {
     "engine": {"geometry"},
     "variants": {"engine", "geometry"},
     "economics": {"engine", "geometry"},
-    "figures": {"engine", "economics", "geometry"},
+    "serving": {"engine", "geometry"},
+    "figures": {"engine", "economics", "geometry", "serving"},
     "api": {"engine", "variants"},
 }
 
@@ -59,7 +60,8 @@ def test_imports_run_one_way():
 
 @pytest.mark.parametrize("module", ["kvviz", "kvviz.geometry", "kvviz.engine.trace", "kvviz.figures.step",
                                     "kvviz.figures.bugs", "kvviz.figures.cost", "kvviz.figures.memory",
-                                    "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged"])
+                                    "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged",
+                                    "kvviz.serving", "kvviz.serving.records", "kvviz.serving.hooks"])
 def test_light_modules_import_without_torch_or_transformers(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -5,6 +5,9 @@
     diagnose  run clean and buggy side by side and say where they part
     memory    KV-cache bytes per token / per sequence for a config
     bench     measure capture overhead, cache speed-up and trace size
+    reuse     serve two requests; the second reuses the first's cached prefix (or continues its chat)
+    speculate prompt-lookup speculative decoding; rejected draft rows cropped from the cache
+    beam      beam search on one cache whose rows are reordered by beam index
 
 Each subcommand lives in its own module with a `register(subparsers)`; `COMMANDS` lists them.
 Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
@@ -16,11 +19,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvviz.cli import bench, bugs, memory, trace
+from kvviz.cli import bench, bugs, memory, serving, trace
 from kvviz.cli.common import CLIError
 
 # every subcommand module, in help order: one line each, no discovery
-COMMANDS = (trace, bugs, memory, bench)
+COMMANDS = (trace, bugs, memory, bench, serving)
 
 
 def quiet_transformers() -> None:

@@ -93,6 +93,19 @@ def encode_prompt(lm: LoadedModel, prompt: str, limits: Limits | None = None) ->
     return ids
 
 
+def eos_token_ids(lm: LoadedModel) -> list[int]:
+    """The ids that end generation: the tokenizer's end-of-text and the generation config's."""
+    eos = lm.tokenizer.eos_token_id
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    out = []
+    for e in (eos, gen_eos):
+        if isinstance(e, int):
+            out.append(e)
+        elif isinstance(e, (list, tuple)):
+            out.extend(int(x) for x in e)
+    return out
+
+
 def check_steps(lm: LoadedModel, n_prompt: int, steps: int, limits: Limits | None = None) -> None:
     limits = Limits() if limits is None else limits
     if steps < 1:
@@ -150,7 +163,7 @@ class Session:
         self._token_strs: dict[int, str] = {}  # token id -> its text, see _token_str
         self.ids: list[int] = list(self.prompt_ids)  # every token so far: prompt + generated
         self.stopped_reason: str | None = None
-        self._eos = set(self._eos_ids())
+        self._eos = set(eos_token_ids(lm))
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -225,17 +238,6 @@ class Session:
     # -- internals --------------------------------------------------------------------------
     def _new_cache(self) -> KVVizCache:
         return KVVizCache(config=self.lm.model.config, bug=self.bug)
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.lm.tokenizer.eos_token_id
-        gen_eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
-        out = []
-        for e in (eos, gen_eos):
-            if isinstance(e, int):
-                out.append(e)
-            elif isinstance(e, (list, tuple)):
-                out.extend(int(x) for x in e)
-        return out
 
     def _token_str(self, token_id: int) -> str:
         # ~8 us per decode call and eleven per step (chosen + top-k), with the same candidates
