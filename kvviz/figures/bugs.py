@@ -19,7 +19,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kvviz.figures.common import CACHED_COLOR, DIFF_SCALE, HIGHLIGHT, WEIGHT_SCALE, base_layout, show_token
+from kvviz.figures.common import CACHED_COLOR, DIFF_SCALE, HIGHLIGHT, WEIGHT_SCALE, base_layout, discrete_scale, show_token
 
 CLEAN_COLOR = CACHED_COLOR
 BUGGY_COLOR = HIGHLIGHT
@@ -29,15 +29,6 @@ STATUS_COLORS = ("#c7ccd6", "#d62728", "#ff9f1c", "#4b4f58", "#9467bd")
 MAX_SLOTS = 96  # slots drawn at most in the status heatmap (the newest ones)
 MAX_MATRIX = 48  # rows/columns of attention matrices drawn at most (the newest ones)
 COLORBAR = dict(thickness=10, len=0.9, outlinewidth=0)
-
-
-def _discrete_scale(colors: Sequence[str]) -> list[list[object]]:
-    """A colourscale that maps integer z = 0..n-1 (with zmin=-0.5, zmax=n-0.5) to flat colours."""
-    n = len(colors)
-    scale: list[list[object]] = []
-    for i, c in enumerate(colors):
-        scale += [[i / n, c], [(i + 1) / n, c]]
-    return scale
 
 
 def slot_labels(tokens: Sequence[str], n: int, offset: int = 0) -> list[str]:
@@ -105,7 +96,7 @@ def kv_status_figure(status: np.ndarray, row_labels: Sequence[str], x_labels: Se
             text[r, c] = t
     fig = go.Figure(go.Heatmap(
         z=z, x=labels, y=list(row_labels), zmin=-0.5, zmax=len(STATUS_NAMES) - 0.5,
-        colorscale=_discrete_scale(STATUS_COLORS), xgap=1, ygap=1, text=text,
+        colorscale=discrete_scale(STATUS_COLORS), xgap=1, ygap=1, text=text,
         hovertemplate=f"{y_title} %{{y}}<br>slot %{{x}}<br>%{{text}}<extra></extra>",
         colorbar=dict(tickvals=list(range(len(STATUS_NAMES))), ticktext=list(STATUS_NAMES), **COLORBAR),
     ))
