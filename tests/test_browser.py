@@ -80,7 +80,8 @@ def test_next_step_three_times_grows_k_by_three_rows(chromium, app_url):
 
 # the heading each page shows when it rendered (st.title)
 HEADINGS = {"home": "kvviz — watch the KV cache", "step_through": "Step through", "bug_lab": "Bug lab",
-            "cost": "Cache vs recompute", "memory": "Memory per token", "paged": "Paged & shared-prefix caches"}
+            "cost": "Cache vs recompute", "memory": "Memory per token", "paged": "Paged & shared-prefix caches",
+            "serving": "Serving: reuse, speculate, beam"}
 
 
 def test_every_page_deep_linked_as_the_first_request_of_a_fresh_server(chromium, tmp_path):

@@ -23,7 +23,8 @@ ALLOWED = {
     "engine": {"geometry", "validate"},
     "variants": {"engine", "geometry", "validate"},
     "economics": {"engine", "geometry", "validate"},
-    "figures": {"engine", "economics", "geometry", "validate", "variants"},  # variants: its torch-free evidence
+    "serving": {"engine", "geometry", "validate"},
+    "figures": {"engine", "economics", "geometry", "serving", "validate", "variants"},  # variants: its torch-free evidence
     "api": {"engine", "variants", "validate"},
 }
 
@@ -63,7 +64,8 @@ def test_imports_run_one_way():
                                     "kvviz.engine.trace", "kvviz.figures.step",
                                     "kvviz.figures.variants", "kvviz.variants.evidence",
                                     "kvviz.variants.explain", "kvviz.figures.cost", "kvviz.figures.memory",
-                                    "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged"])
+                                    "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged",
+                                    "kvviz.serving", "kvviz.serving.records", "kvviz.serving.hooks"])
 def test_light_modules_import_without_torch_or_transformers(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -7,6 +7,9 @@
     quantize  quality vs memory of a quantised cache (held-out text, teacher-forced)
     memory    KV-cache bytes per token / per sequence for a config
     bench     measure capture overhead, cache speed-up and trace size
+    reuse     serve two requests; the second reuses the first's cached prefix (or continues its chat)
+    speculate prompt-lookup speculative decoding; rejected draft rows cropped from the cache
+    beam      beam search on one cache whose rows are reordered by beam index
 
 Each subcommand lives in its own module with a `register(subparsers)`; `COMMANDS` lists them.
 Every failure a user can cause ends in one line on stderr and exit code 2 (`kvviz.InputError`,
@@ -22,12 +25,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from kvviz.cli import bench, bugs, memory, trace, variants
+from kvviz.cli import bench, bugs, memory, serving, trace, variants
 from kvviz.cli.common import check_out
 from kvviz.validate import InputError, one_line, settings
 
 # every subcommand module, in help order: one line each, no discovery
-COMMANDS = (trace, bugs, variants, memory, bench)
+COMMANDS = (trace, bugs, variants, memory, bench, serving)
 
 
 class Parser(argparse.ArgumentParser):

@@ -5,6 +5,10 @@
 - it lets a variant (see `variant.py`; the catalogue is `kvviz.variants`) decide what is stored and what is
   attended, and hands it the attention weights when it ranks rows by them (`observe`).
 
+Serving operations are transformers' own, inherited unchanged: `crop(-n)` (speculative rollback),
+`reorder_cache(beam_idx)` and `batch_repeat_interleave(n)` (beam search); `rows` / `append_rows`
+copy rows out of one cache and into another (a prefix store, `kvviz.serving.reuse`).
+
 Variants never see a `DynamicLayer`: they get the stored (keys, values) tensors and return new ones;
 only this module reads or writes `layer.keys` / `layer.values`. Pinned to transformers 5.23
 (`tests/test_pins.py` fails loudly if the attributes relied on here move).
@@ -14,7 +18,7 @@ Shapes: key/value states are (batch, num_key_value_heads, seq_len, head_dim).
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +106,26 @@ class KVVizCache(DynamicCache):
             if kv is not None:
                 total += kv[0].numel() * kv[0].element_size() + kv[1].numel() * kv[1].element_size()
         return total
+
+    def rows(self, start: int, end: int) -> tuple[KV, ...]:
+        """Copies of every layer's stored rows [start, end): per layer (keys, values), each
+        (batch, num_key_value_heads, end - start, head_dim). Copies, because a prefix store keeps
+        them after this cache is gone (and DynamicCache may later replace or slice its tensors)."""
+        out = []
+        for i in range(len(self.layers)):
+            kv = self.layer_kv(i)
+            if kv is None or not 0 <= start <= end <= kv[0].shape[-2]:
+                raise ValueError(f"layer {i} holds {0 if kv is None else kv[0].shape[-2]} rows; asked for [{start}, {end})")
+            out.append((kv[0][..., start:end, :].clone(), kv[1][..., start:end, :].clone()))
+        return tuple(out)
+
+    def append_rows(self, rows: Sequence[KV]) -> None:
+        """Append rows to every layer through DynamicCache's own `update` (how a prefix-cache hit
+        fills a new request's cache before the rest of its prompt is computed)."""
+        if len(rows) != len(self.layers):
+            raise ValueError(f"{len(rows)} layers of rows for a cache of {len(self.layers)} layers")
+        for i, (keys, values) in enumerate(rows):
+            DynamicCache.update(self, keys, values, i)  # the plain append: no recorder, no variant
 
     def load_rows(self, other: KVVizCache, layers: Container[int] | None = None) -> None:
         """Copy another cache's stored rows into this one (used to simulate a stale cache), in `layers` (default all)."""

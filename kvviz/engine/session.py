@@ -129,6 +129,19 @@ def encode_prompt(lm: LoadedModel, prompt: str | Sequence[int], limits: Limits |
     return ids
 
 
+def eos_token_ids(lm: LoadedModel) -> list[int]:
+    """The ids that end generation: the tokenizer's end-of-text and the generation config's."""
+    eos = lm.tokenizer.eos_token_id
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    out = []
+    for e in (eos, gen_eos):
+        if isinstance(e, int):
+            out.append(e)
+        elif isinstance(e, (list, tuple)):
+            out.extend(int(x) for x in e)
+    return out
+
+
 def check_steps(lm: LoadedModel, n_prompt: int, steps: int, limits: Limits | None = None) -> int:
     limits = Limits() if limits is None else limits
     steps = whole_number(steps, "steps", 1, limits.max_new_tokens)
@@ -216,7 +229,7 @@ class Session:
                 f"this server's cap of {human_bytes(limits.max_trace_bytes)} per run: shorten the prompt"
             )
         self.cache = self._new_cache()
-        self._eos = set(self._eos_ids())
+        self._eos = set(eos_token_ids(lm))
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -346,17 +359,6 @@ class Session:
 
     def _new_cache(self) -> KVVizCache:
         return KVVizCache(config=self.lm.model.config, bug=self.bug, rope=self.rope)
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.lm.tokenizer.eos_token_id
-        gen_eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
-        out = []
-        for e in (eos, gen_eos):
-            if isinstance(e, int):
-                out.append(e)
-            elif isinstance(e, (list, tuple)):
-                out.extend(int(x) for x in e)
-        return out
 
     def _token_str(self, token_id: int) -> str:
         # byte pieces of a split character read <0xE4>, never "�" (kvviz.engine.tokens). Eleven

@@ -43,3 +43,30 @@ def base_layout_dict(title: str | None = None, height: int = 360) -> dict:
         font=FONT,
         hoverlabel=dict(font_size=12),
     )
+
+
+def discrete_scale(colors: Sequence[str]) -> list[list[object]]:
+    """A colourscale that maps integer z = 0..n-1 (with zmin=-0.5, zmax=n-0.5) to flat colours."""
+    n = len(colors)
+    scale: list[list[object]] = []
+    for i, c in enumerate(colors):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def animation_controls(frame_names: Sequence[str], labels: Sequence[str], *, duration: int = 500,
+                       prefix: str = "") -> dict:
+    """Layout for a figure whose `frames` are named `frame_names`: a Play/Pause pair and a slider.
+
+    Plotly plays the frames in the browser (Streamlit hands `frames` to Plotly.react): no rerun."""
+    play = dict(frame=dict(duration=duration, redraw=True), fromcurrent=True, transition=dict(duration=0))
+    pause = dict(frame=dict(duration=0, redraw=False), mode="immediate")
+    return dict(
+        updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.02, xanchor="left", yanchor="top", showactive=False,
+                          buttons=[dict(label="▶ Play", method="animate", args=[None, play]),
+                                   dict(label="❚❚ Pause", method="animate", args=[[None], pause])])],
+        sliders=[dict(active=0, x=0.2, len=0.8, y=-0.02, yanchor="top", currentvalue=dict(prefix=prefix),
+                      steps=[dict(label=label, method="animate",
+                                  args=[[name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+                             for name, label in zip(frame_names, labels)])],
+    )

@@ -43,6 +43,7 @@ PAGES: tuple[tuple[str, str, str], ...] = (
     ("pages/cost.py", "Cache vs recompute", ":material/timer:"),
     ("pages/memory.py", "Memory per token", ":material/memory:"),
     ("pages/paged.py", "Paged & shared prefix", ":material/view_module:"),
+    ("pages/serving.py", "Serving: reuse, speculate, beam", ":material/dns:"),
 )
 CHART_CONFIG = {"displaylogo": False}
 

@@ -57,6 +57,15 @@ def _defaults() -> dict[str, Any]:
         "paged_results": None,  # {"before" | "after": SimResult} of the last simulation
         "paged_figures": None,  # the figures built from them (built once per simulation, not per rerun)
         "paged_key": None,  # the settings those results came from
+        # -- Serving: reuse, speculate, beam -----------------------------------------------------------
+        "serve_store": None,  # this visitor's kvviz.serving.reuse.PrefixStore: rows of its own requests only
+        "serve_store_key": None,  # (model name, block size) the store's rows belong to; a change starts a new store
+        "serve_chat": None,  # this visitor's Conversation: the cache its chat turns continue from
+        "serve_chat_model": None,  # the model that conversation's cache belongs to
+        "serve_spec": None,  # the last SpecRun (speculative decoding) on screen
+        "serve_spec_key": None,  # (model, prompt, steps, k, n-gram) it ran with
+        "serve_beam": None,  # the last BeamRun on screen
+        "serve_beam_key": None,  # (model, prompt, beams, steps) it ran with
     }
 
 
