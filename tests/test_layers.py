@@ -23,6 +23,7 @@ ALLOWED = {
     "economics": {"engine", "geometry"},
     "figures": {"engine", "economics", "geometry"},
     "api": {"engine", "variants"},
+    "quiz": {"engine", "economics", "geometry"},  # engine includes the variant interface (engine/variant.py)
 }
 
 
@@ -59,7 +60,8 @@ def test_imports_run_one_way():
 
 @pytest.mark.parametrize("module", ["kvviz", "kvviz.geometry", "kvviz.engine.trace", "kvviz.figures.step",
                                     "kvviz.figures.bugs", "kvviz.figures.cost", "kvviz.figures.memory",
-                                    "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged"])
+                                    "kvviz.figures.paged", "kvviz.figures.quiz", "kvviz.quiz.questions", "kvviz.economics.memory",
+                                    "kvviz.economics.paged"])
 def test_light_modules_import_without_torch_or_transformers(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -12,11 +12,13 @@ Recording is per call, never global: the session sets a `StepRecorder` in a `Con
 duration of one forward. Two browser sessions stepping on one shared model run in different
 threads (different contexts) and each sees only its own recorder. With no recorder set the
 function is plain SDPA, so the same model object serves recompute and benchmarks unrecorded.
+A recorder may also carry an `override` of the attended K/V (a what-if that needs the queries,
+which the cache seam never sees); like the recorder, it acts on that one forward only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,6 +36,12 @@ if TYPE_CHECKING:
 
 ATTN_IMPLEMENTATION = "kvviz"
 
+# A per-call what-if on the attended K and V, for changes a cache variant cannot express because they
+# need this layer's queries (e.g. kvviz.quiz.whatif: keys made with W_q). Called as
+# override(layer_idx, query (b, nh, q_len, hd), key, value (b, nkv, kv_len, hd), kwargs) -> (key, value)
+# of the same shapes; it must not modify its inputs (the key/value tensors are the cache's own).
+AttendOverride = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+
 
 def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
     """Detach to a float32 CPU array: a copy by default, since the cache may be mutated in place
@@ -49,6 +57,7 @@ class StepRecorder:
     step: int
     bug: CacheVariant | None = None
     keep_attended: bool = False  # also copy the K/V actually attended (needed when a bug rewrites history)
+    override: AttendOverride | None = None  # a what-if on the attended K/V of this forward (None: the real ones)
     new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -152,6 +161,11 @@ def kvviz_attention(
 
     num_heads, num_kv = query.shape[1], key.shape[1]
     layer_idx = int(getattr(module, "layer_idx", 0) or 0)
+    if recorder.override is not None:
+        shapes = (key.shape, value.shape)
+        key, value = recorder.override(layer_idx, query, key, value, kwargs)
+        if (key.shape, value.shape) != shapes:
+            raise ValueError(f"an attention override must keep the K/V shapes {shapes}, got {(key.shape, value.shape)}")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     bug = recorder.bug
