@@ -110,6 +110,7 @@ def result(q: qz.Question, answer: qz.Answer, run: LiveRun) -> None:
     st.markdown(q.explanation)
     if q.figure == "whatif":
         w = run.tied
+        assert w is not None  # a what-if question is asked only when the what-if ran
         left, right = st.columns(2)
         with left:
             kit.chart(fq.tied_attention_figure(w.real, w.tokens, f"Real: head {w.head}, layer {w.layer}"), "quiz_real")
@@ -134,7 +135,11 @@ def show(q: qz.Question, run: LiveRun) -> None:
 
 # -- the page -------------------------------------------------------------------------------------
 lm = kit.require_model("the quiz")
-run, questions = live(st.session_state.model_name)
+try:
+    run, questions = live(st.session_state.model_name)
+except ValueError as e:  # an InputError too: e.g. a context too short for the live run
+    st.error(f"The quiz cannot run on this model: {bank.md_escape(str(e))}", icon=":material/error:")
+    st.stop()
 by_id = {q.id: q for q in questions}
 ss = st.session_state
 if ss.quiz_seed is None:  # the first visit of this browser session

@@ -180,7 +180,7 @@ def _causal_facts(live: LiveRun) -> Facts:
 def _order_facts(live: LiveRun) -> Facts:
     t = 5
     step = live.trace.steps[t]
-    layer, head = live.tied.layer, live.tied.head
+    layer, head = live.focus
     row = live.newest_row(t, layer, head)
     return dict(t=t, tok=md_token(live.fed_token(t)), before=live.trace.steps[t - 1].cache_len, after=step.cache_len,
                 total=f"{float(row.sum()):.3f}", next=md_token(step.token), p=f"{step.prob:.2f}", layer=layer, head=head,
@@ -190,12 +190,12 @@ def _order_facts(live: LiveRun) -> Facts:
 def _generation_facts(live: LiveRun) -> Facts:
     first = live.trace.steps[0]
     return dict(first=md_token(first.token), p=f"{first.prob:.2f}", final=live.trace.steps[-1].cache_len,
-                decode_steps=live.last_step, t=live.last_step, layer=live.tied.layer, head=live.tied.head)
+                decode_steps=live.last_step, t=live.last_step, layer=live.focus[0], head=live.focus[1])
 
 
 def _self_facts(live: LiveRun) -> Facts:
     t = 3
-    layer, head = live.tied.layer, live.tied.head
+    layer, head = live.focus
     smallest = min(float(s.layers[i].weights[:, -1, -1].min()) for s in live.trace.steps[1:] for i in range(live.info.num_layers))
     return dict(t=t, layer=layer, head=head, ws=pct(live.shares(t, layer, head)[2]), smallest=f"{smallest:.1e}",
                 before=live.trace.steps[t - 1].cache_len, after=live.trace.steps[t].cache_len)
@@ -254,7 +254,7 @@ def _timing_facts(live: LiveRun) -> Facts:
 
 # -- q, k and v -------------------------------------------------------------------------------
 def _qkv_facts(live: LiveRun) -> Facts:
-    layer, head = live.tied.layer, live.tied.head
+    layer, head = live.focus
     g = head // live.info.group_size
     rec = live.trace.steps[0].layers[layer]
     q, k = rec.query_states[head, -1].astype(np.float64), rec.key_states[g, -1].astype(np.float64)
@@ -263,8 +263,13 @@ def _qkv_facts(live: LiveRun) -> Facts:
                 pos=live.n_prompt - 1, cos=f"{cos:.2f}", qn=f"{np.linalg.norm(q):.2f}", kn=f"{np.linalg.norm(k):.2f}", t=0)
 
 
+def _whatif_applies(live: LiveRun) -> str | None:
+    return None if live.tied is not None else f"the what-if cannot run on it: {md_escape(live.tied_error or '')}"
+
+
 def _whatif_facts(live: LiveRun) -> Facts:
     w = live.tied
+    assert w is not None  # _whatif_applies
     T = len(w.tokens)
     err = float(np.abs(np.diagonal(w.tied_scores) - w.own_score_expected).max())
     above = int((np.diagonal(w.tied_scores)[1:] > w.mean_other_score()).sum())
@@ -341,7 +346,7 @@ def _position_facts(live: LiveRun) -> Facts:
     n = live.n_prompt
     right = live.trace.steps[t].positions[-1]
     wrong = distinct(right, [t, 0, n + t, t - 1])
-    layer, head = live.tied.layer, live.tied.head
+    layer, head = live.focus
     return dict(t=t, tth=ordinal(t), tok=md_token(live.fed_token(t)), right=right, w1=wrong[0], w2=wrong[1], w3=wrong[2],
                 before=live.trace.steps[t - 1].cache_len, last_pos=live.trace.steps[t - 1].cache_len - 1, layer=layer, head=head,
                 clause=(" — the angle RoPE rotates its q′ and k′ by" if live.rope
@@ -585,7 +590,8 @@ BANK: tuple[Spec, ...] = (
         "- this is the run's most previous-token head: {real_prev} of its weight went to the previous token, {tied_prev} "
         "with tied matrices;\n"
         "- the next token after the text: {real_next} (p = {real_p}) really, {tied_next} (p = {tied_p}) with the what-if.",
-        _whatif_facts, (_step_link("Step through: the real head {head}, layer {layer}"),), figure="whatif",
+        _whatif_facts, (_step_link("Step through: the real head {head}, layer {layer}"),), applies=_whatif_applies,
+        figure="whatif",
     ),
     Spec(
         "whatif-why-three", TOPIC_QKV, "multi",
@@ -600,7 +606,8 @@ BANK: tuple[Spec, ...] = (
         "the head's own pattern, {real_prev} of its weight on the previous token, fell to {tied_prev}; and what it passed "
         "on was its own query again. Separate matrices cost memory rather than save it: the cache stores K and V, "
         "{bpt:,} bytes per token.",
-        _whatif_facts, (_step_link("Step through: the real head {head}, layer {layer}"),), figure="whatif",
+        _whatif_facts, (_step_link("Step through: the real head {head}, layer {layer}"),), applies=_whatif_applies,
+        figure="whatif",
     ),
     Spec(
         "gqa-which-kv", TOPIC_GQA, "single",

@@ -24,7 +24,7 @@ from kvviz.engine import DEFAULT_PROMPT
 from kvviz.engine.cache import measure
 from kvviz.engine.capture import to_numpy
 from kvviz.engine.models import LoadedModel
-from kvviz.engine.session import Session
+from kvviz.engine.session import InputError, Limits, Session
 from kvviz.engine.trace import ModelInfo, Trace
 from kvviz.quiz.whatif import TiedAttention, tied_attention, uses_rope
 
@@ -79,7 +79,9 @@ class LiveRun:
     cache_formula_bytes: int  # the formula for as many tokens (kvviz.geometry)
     rewrite_max: float  # largest |final cache - each row as its step wrote it|, K and V, all layers (0: never rewritten)
     rope: bool
-    tied: TiedAttention  # the what-if, on the most previous-token head of the run
+    focus: tuple[int, int]  # (layer, head) most questions look at: the run's most previous-token head
+    tied: TiedAttention | None  # the what-if on the focus head (None: this model cannot run it, see tied_error)
+    tied_error: str | None
     serving: Serving
 
     @property
@@ -169,17 +171,23 @@ def warm_up(lm: LoadedModel, ids: list[int]) -> None:
 
 def live_run(lm: LoadedModel, prompt: str = DEFAULT_PROMPT, steps: int = LIVE_STEPS) -> LiveRun:
     """Decode, weigh, count and run the what-if on the loaded model (a few hundred ms on the bundled one)."""
-    session = Session(lm, prompt, steps, stop_at_eos=False)  # greedy, parity on
+    # greedy, parity on; sized by the quiz, not by a visitor's caps (one small run per model and server)
+    session = Session(lm, prompt, steps, stop_at_eos=False, limits=Limits(max_new_tokens=steps))
     warm_up(lm, session.prompt_ids)
     trace = session.run()
+    if len(trace.steps) < steps:  # the questions cite steps up to LIVE_STEPS - 1
+        raise InputError(f"the quiz's live run stopped after {len(trace.steps)} of {steps} steps: {session.stopped_reason}")
     weighed = measure(session.cache, lm.model.config, lm.info.dtype)
     assert weighed is not None  # prefill filled every layer
     fed = list(trace.prompt_ids) + list(trace.generated_ids[:-1])  # every token fed: the last choice never is
-    layer, head = previous_token_head(trace)
-    tied = tied_attention(lm, fed, trace.tokens[: len(fed)], layer, head)
+    focus = previous_token_head(trace)
+    try:
+        tied, tied_error = tied_attention(lm, fed, trace.tokens[: len(fed)], *focus), None
+    except ValueError as e:  # e.g. partial RoPE: the questions that need it are left out
+        tied, tied_error = None, str(e)
     return LiveRun(
         name=lm.name, trace=trace, flops=cost.flop_model(lm.model), weights_bytes=cost.model_weight_bytes(lm.model),
         cache_bytes=weighed.measured_bytes, cache_formula_bytes=weighed.formula_bytes,
-        rewrite_max=rewrite_max(session, trace), rope=uses_rope(lm.model.config),
-        tied=tied, serving=serving(lm.info.bytes_per_token(lm.info.dtype)),
+        rewrite_max=rewrite_max(session, trace), rope=uses_rope(lm.model.config), focus=focus,
+        tied=tied, tied_error=tied_error, serving=serving(lm.info.bytes_per_token(lm.info.dtype)),
     )

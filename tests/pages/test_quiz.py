@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from kvviz.quiz import bank
 from kvviz.quiz.live import live_run
 from kvviz.quiz.questions import quiz_order
+from kvviz.ui import kit
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 PAGE = "pages/quiz.py"
@@ -168,3 +169,13 @@ def test_a_bad_link_says_so_and_shows_the_whole_quiz(bundled, raw):
     assert any("names no question" in w.value for w in at.warning)
     assert raw not in texts(at)  # nothing of the URL is echoed
     assert at.button(key="quiz_next")  # the whole quiz
+
+
+def test_links_into_other_pages_are_built_in_one_place():
+    """One function per page builds its URL (the parameter names live in kit.py, for the pages to read)."""
+    assert (kit.step_link(prompt="It is, a", steps=12, layer=1, head=3, step=5)
+            == "/step_through?prompt=It%20is%2C%20a&new_tokens=12&layer=1&head=3&step=5")
+    assert kit.step_link() == "/step_through"
+    assert kit.bug_lab_link(bug="never_append") == "/bug_lab?bug=never_append"
+    assert kit.paged_link(scenario="long_generations") == "/paged?scenario=long_generations"
+    assert kit.quiz_link("tenth-token-keys") == "/quiz?q=tenth-token-keys"

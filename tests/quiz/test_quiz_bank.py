@@ -7,6 +7,7 @@ a checkpoint's outputs: the bundled model is being retrained.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from kvviz.engine import DEFAULT_PROMPT
+from kvviz.engine.session import InputError
 from kvviz.quiz import bank
 from kvviz.quiz.live import DECODE_STEP, FAR_STEP, LIVE_STEPS, SERVING_STATIC, live_run
 from kvviz.quiz.questions import KINDS, grade
@@ -186,3 +188,18 @@ def test_bug_names_in_the_bank_are_the_bug_labs():
 def test_tokens_are_escaped_for_markdown():
     assert bank.md_token("*a* [b](c)\n") == "“\\*a\\* \\[b\\]\\(c\\)⏎”"
     assert bank.md_escape("<script>") == "\\<script\\>"
+
+
+def test_without_the_what_if_its_questions_are_left_out_and_the_rest_stay(run):
+    """A model the what-if cannot run on (partial RoPE) still gets every other question."""
+    _lm, live = run
+    broken = dataclasses.replace(live, tied=None, tied_error="rotates only 16 of 32 dimensions")
+    ids = {q.id for q in bank.questions(broken)}
+    assert not ids & {"whatif-own-score", "whatif-why-three"}
+    assert ids == set(by_id(live)) - {"whatif-own-score", "whatif-why-three"}
+    assert "rotates only 16 of 32" in bank.not_applicable(broken)["whatif-own-score"]
+
+
+def test_a_context_too_short_for_the_live_run_is_refused_with_a_reason():
+    with pytest.raises(InputError, match="context"):
+        live_run(tiny_model("llama_gqa", max_positions=16))
