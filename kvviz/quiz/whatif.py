@@ -25,6 +25,7 @@ models with partial rotary dimensions are refused.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,18 +50,33 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _model_rope(lm: LoadedModel) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The model's own `apply_rotary_pos_emb(q, k, cos, sin)`, defined beside its attention class (Llama, Qwen2, ...)."""
+    for module in lm.model.modules():
+        if getattr(module, "layer_idx", None) is not None:
+            fn = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+            if callable(fn):
+                return fn
+    return None
+
+
 def rope_inverse(lm: LoadedModel) -> Unrotate:
     """A function (q post-RoPE (batch, T, head_dim), position_ids (batch, T)) -> q before RoPE.
 
     RoPE turns each pair (i, i + d/2) by an angle: q_rot = q cos + rotate_half(q) sin. Turning back,
     q_rot cos - rotate_half(q_rot) sin = (cos^2 + sin^2) q, which also undoes a scaled rotation
-    (some rope types multiply cos and sin by an attention factor). Identity without RoPE.
+    (some rope types multiply cos and sin by an attention factor). Every call checks the result
+    against the model's own `apply_rotary_pos_emb`: a model that rotates another way (interleaved
+    pairs, partial dimensions) is refused with a ValueError instead of getting wrong values.
+    Identity without RoPE.
     """
     if not uses_rope(lm.model.config):
         return lambda q, positions: q
     rotary = next((m for name, m in lm.model.named_modules() if name.endswith("rotary_emb")), None)
-    if rotary is None:
-        raise ValueError(f"{lm.name} uses RoPE but has no `rotary_emb` module: the what-if cannot undo RoPE for the values")
+    apply_rope = _model_rope(lm)
+    if rotary is None or apply_rope is None:
+        raise ValueError(f"{lm.name} uses RoPE but kvviz cannot find its rotary embedding and rotation function: "
+                         "the what-if cannot undo RoPE for the values")
 
     def unrotate(q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = rotary(q, positions)  # (batch, T, rotary dims)
@@ -68,7 +84,12 @@ def rope_inverse(lm: LoadedModel) -> Unrotate:
             raise ValueError(f"{lm.name} rotates only {cos.shape[-1]} of {q.shape[-1]} dimensions (partial RoPE): "
                              "the what-if supports full-width RoPE only")
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return (q * cos - _rotate_half(q) * sin) / (cos * cos + sin * sin)
+        before = (q * cos - _rotate_half(q) * sin) / (cos * cos + sin * sin)  # (batch, T, head_dim)
+        again = apply_rope(before.unsqueeze(1), before.unsqueeze(1), cos, sin)[0].squeeze(1)  # the model's own rotation
+        if not torch.allclose(again, q, rtol=1e-3, atol=1e-4 * (1.0 + float(q.abs().max()))):
+            raise ValueError(f"{lm.name} rotates q and k in a way kvviz cannot undo (not rotate-half RoPE): "
+                             "the what-if supports Llama-style RoPE only")
+        return before
 
     return unrotate
 

@@ -161,3 +161,23 @@ def test_bad_layer_or_head_is_refused():
         tied_attention(lm, [1, 2, 3], ["a", "b", "c"], layer=9, head=0)
     with pytest.raises(ValueError, match="at least 2"):
         tied_attention(lm, [1], ["a"], layer=0, head=0)
+
+
+def test_a_rope_kvviz_cannot_undo_is_refused(monkeypatch):
+    """A model whose rotation is not rotate-half (here: interleaved pairs, as GPT-J) gets a ValueError, not wrong values."""
+    from transformers.models.llama import modeling_llama
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+        def rot(x):
+            pairs = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+            return x * cos + pairs * sin
+
+        return rot(q), rot(k)
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", interleaved)
+    lm = tiny_model("llama_gqa")
+    ids = list(lm.tokenizer(TEXT)["input_ids"])
+    with pytest.raises(ValueError, match="cannot undo"):
+        tied_attention(lm, ids, [str(i) for i in ids], layer=0, head=0)
