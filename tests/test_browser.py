@@ -9,6 +9,7 @@ Skipped locally without chromium (the `chromium` fixture); CI installs it and ru
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,7 +82,8 @@ def test_next_step_three_times_grows_k_by_three_rows(chromium, app_url):
 # the heading each page shows when it rendered (st.title)
 HEADINGS = {"home": "kvviz — watch the KV cache", "step_through": "Step through", "bug_lab": "Bug lab",
             "cost": "Cache vs recompute", "memory": "Memory per token", "paged": "Paged & shared-prefix caches",
-            "serving": "Serving: reuse, speculate, beam"}
+            "serving": "Serving: reuse, speculate, beam",
+            "quiz": "Check yourself"}
 
 
 def test_every_page_deep_linked_as_the_first_request_of_a_fresh_server(chromium, tmp_path):
@@ -117,5 +119,68 @@ def test_every_page_deep_linked_as_the_first_request_of_a_fresh_server(chromium,
                     assert not page.locator("[data-testid='stException']").count(), stem
                     assert not errors, (stem, errors)
                     page.close()
+        finally:
+            browser.close()
+
+
+def plain_marker(markdown: str) -> str:
+    """The longest stretch of an explanation that renders as the same plain text (no markdown, no entities)."""
+    pieces = re.split(r"[*`\\_\n&<>“”]", markdown)
+    return max((p.strip() for p in pieces), key=len)
+
+
+# true once the quiz's "Link to this question" names another question than `prev`
+QUESTION_CHANGED_JS = """(prev) => {
+  const a = [...document.querySelectorAll('a')].find(a => a.textContent.trim() === 'Link to this question');
+  return !!a && !a.href.endsWith('q=' + prev);
+}"""
+
+
+def test_quiz_answers_reach_the_browser_only_after_answering(chromium, app_url, bundled):
+    """Mystery-mode discipline for the quiz: no explanation of any question is in the page's HTML until
+    that question is answered, through every question of the session; answering shows it."""
+    from playwright.sync_api import sync_playwright
+
+    from kvviz.quiz import bank
+    from kvviz.quiz.live import live_run
+
+    questions = {q.id: q for q in bank.questions(live_run(bundled))}
+    markers = {qid: plain_marker(q.explanation) for qid, q in questions.items()}
+    assert all(len(m) >= 20 for m in markers.values()), markers
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = launch(p, chromium)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(app_url + "/quiz")
+            page.get_by_role("heading", name="Check yourself").wait_for(timeout=300_000)
+            seen = []
+            for i in range(len(questions)):
+                page.wait_for_selector(IDLE, timeout=120_000)
+                href = page.get_by_role("link", name="Link to this question").get_attribute("href")
+                seen.append(re.search(r"q=([a-z0-9-]+)", href).group(1))
+                html, text = page.content(), page.inner_text("body")
+                leaked = [qid for qid, m in markers.items() if m in html or m in text]
+                assert not leaked, (seen[-1], leaked)
+                if i < len(questions) - 1:
+                    page.get_by_role("button", name="Next").click()
+                    page.wait_for_function(QUESTION_CHANGED_JS, arg=seen[-1], timeout=60_000)
+            assert sorted(seen) == sorted(questions), seen  # every question came by, in this session's order
+            # a linked question (a teacher's URL), answered right: now its explanation is there
+            q = questions["tenth-token-keys"]
+            page.goto(app_url + "/quiz?q=tenth-token-keys")
+            page.get_by_text("linked on its own").wait_for(timeout=120_000)
+            page.wait_for_selector(IDLE, timeout=120_000)
+            assert markers[q.id] not in page.content()
+            page.get_by_text(q.options[q.answer[0]], exact=True).click()
+            page.get_by_role("button", name="Check my answer").click()
+            page.get_by_text("Right.").wait_for(timeout=60_000)
+            page.wait_for_selector(IDLE, timeout=60_000)
+            assert markers[q.id] in page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / "quiz_browser.png"), full_page=True)
+            assert not page.locator("[data-testid='stException']").count()
+            assert not errors, errors
         finally:
             browser.close()

@@ -26,6 +26,7 @@ ALLOWED = {
     "serving": {"engine", "geometry", "validate"},
     "figures": {"engine", "economics", "geometry", "serving", "validate", "variants"},  # variants: its torch-free evidence
     "api": {"engine", "variants", "validate"},
+    "quiz": {"engine", "economics", "geometry", "validate"},  # engine includes the variant interface (engine/variant.py)
 }
 
 
@@ -65,7 +66,8 @@ def test_imports_run_one_way():
                                     "kvviz.figures.variants", "kvviz.variants.evidence",
                                     "kvviz.variants.explain", "kvviz.figures.cost", "kvviz.figures.memory",
                                     "kvviz.figures.paged", "kvviz.economics.memory", "kvviz.economics.paged",
-                                    "kvviz.serving", "kvviz.serving.records", "kvviz.serving.hooks"])
+                                    "kvviz.serving", "kvviz.serving.records", "kvviz.serving.hooks",
+                                    "kvviz.figures.quiz", "kvviz.quiz.questions"])
 def test_light_modules_import_without_torch_or_transformers(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -13,11 +13,13 @@ duration of one forward (with `capture=False` it copies nothing but still routes
 a scoring run that keeps only logits). Two browser sessions stepping on one shared model run in different
 threads (different contexts) and each sees only its own recorder. With no recorder set the
 function is plain SDPA, so the same model object serves recompute and benchmarks unrecorded.
+A recorder may also carry an `override` of the attended K/V (a what-if that needs the queries,
+which the cache seam never sees); like the recorder, it acts on that one forward only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,6 +36,12 @@ if TYPE_CHECKING:
     from kvviz.engine.variant import CacheVariant
 
 ATTN_IMPLEMENTATION = "kvviz"
+
+# A per-call what-if on the attended K and V, for changes a cache variant cannot express because they
+# need this layer's queries (e.g. kvviz.quiz.whatif: keys made with W_q). Called as
+# override(layer_idx, query (b, nh, q_len, hd), key, value (b, nkv, kv_len, hd), kwargs) -> (key, value)
+# of the same shapes; it must not modify its inputs (the key/value tensors are the cache's own).
+AttendOverride = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
@@ -104,6 +112,7 @@ class StepRecorder:
     capture: bool = True  # False: copy nothing (a scoring run that keeps only logits); the variant hooks still run
     cache: Any = None  # the session's KVVizCache: receives the weights for a variant that ranks rows (`observe`)
     keep_inputs: bool = True  # the normed input x of the newest position, per layer (the arithmetic view)
+    override: AttendOverride | None = None  # a what-if on the attended K/V of this forward (None: the real ones)
     new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     attention: dict[int, dict[str, Any]] = field(default_factory=dict)
     _pending: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
@@ -236,6 +245,11 @@ def kvviz_attention(
 
     num_heads, num_kv = query.shape[1], key.shape[1]
     layer_idx = int(getattr(module, "layer_idx", 0) or 0)
+    if recorder.override is not None:
+        shapes = (key.shape, value.shape)
+        key, value = recorder.override(layer_idx, query, key, value, kwargs)
+        if (key.shape, value.shape) != shapes:
+            raise ValueError(f"an attention override must keep the K/V shapes {shapes}, got {(key.shape, value.shape)}")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     bug = recorder.bug

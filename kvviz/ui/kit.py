@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import streamlit as st
 
@@ -31,8 +32,8 @@ from kvviz.ui.model import current_model, require_model
 from kvviz.ui.text import escape
 from kvviz.validate import InputError, settings
 
-__all__ = ["DEFAULT_PROMPT", "PAGES", "chart", "current_model", "escape", "head_picks", "model_work", "page", "picker",
-           "play_tick", "require_model", "run_app"]
+__all__ = ["DEFAULT_PROMPT", "PAGES", "bug_lab_link", "chart", "current_model", "escape", "head_picks", "model_work", "page",
+           "paged_link", "picker", "play_tick", "quiz_link", "require_model", "run_app", "step_link"]
 
 ROOT = Path(__file__).resolve().parents[2]
 # (file, title, icon) in menu order; the first is the default page. Every file must exist.
@@ -44,6 +45,7 @@ PAGES: tuple[tuple[str, str, str], ...] = (
     ("pages/memory.py", "Memory per token", ":material/memory:"),
     ("pages/paged.py", "Paged & shared prefix", ":material/view_module:"),
     ("pages/serving.py", "Serving: reuse, speculate, beam", ":material/dns:"),
+    ("pages/quiz.py", "Check yourself", ":material/quiz:"),
 )
 CHART_CONFIG = {"displaylogo": False}
 
@@ -185,3 +187,41 @@ def play_tick(prefix: str, seconds: float, advance: Callable[[], None], at_end: 
     if time.monotonic() - ss[f"{prefix}_last_tick"] >= 0.8 * seconds:
         ss[f"{prefix}_last_tick"] = time.monotonic()
         advance()
+
+
+# -- links into pages: one function per page, so each page's URL parameter names live in one place --
+# A link is relative to the app's root ("/step_through?..."): the page's url path is its file's stem.
+# The names are what each page reads from st.query_params; keep them equal to the page's own.
+STEP_PARAMS = {"prompt": "prompt", "steps": "new_tokens", "layer": "layer", "head": "head", "step": "step"}
+BUG_LAB_PARAMS = {"bug": "bug", "mode": "mode"}
+PAGED_PARAMS = {"scenario": "scenario"}
+QUIZ_PARAMS = {"question": "q"}
+
+
+def _url(stem: str, names: dict[str, str], values: dict[str, Any]) -> str:
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ValueError(f"/{stem} takes no parameter {sorted(unknown)}; it takes {sorted(names)}")
+    query = {names[k]: str(v) for k, v in values.items() if v is not None}
+    return f"/{stem}" + (f"?{urlencode(query, quote_via=quote)}" if query else "")
+
+
+def step_link(prompt: str | None = None, steps: int | None = None, layer: int | None = None, head: int | None = None,
+              step: int | None = None) -> str:
+    """The step page on a run (prompt, new tokens) at a layer, query head and shown step (0 = prefill)."""
+    return _url("step_through", STEP_PARAMS, dict(prompt=prompt, steps=steps, layer=layer, head=head, step=step))
+
+
+def bug_lab_link(bug: str | None = None, mode: str | None = None) -> str:
+    """The Bug lab on one catalogue bug (by name)."""
+    return _url("bug_lab", BUG_LAB_PARAMS, dict(bug=bug, mode=mode))
+
+
+def paged_link(scenario: str | None = None) -> str:
+    """The paged & shared-prefix page on one of its scenarios."""
+    return _url("paged", PAGED_PARAMS, dict(scenario=scenario))
+
+
+def quiz_link(question: str | None = None) -> str:
+    """The quiz, or one question of it by id (what a teacher sends)."""
+    return _url("quiz", QUIZ_PARAMS, dict(question=question))

@@ -66,6 +66,13 @@ def _defaults() -> dict[str, Any]:
         "serve_spec_key": None,  # (model, prompt, steps, k, n-gram) it ran with
         "serve_beam": None,  # the last BeamRun on screen
         "serve_beam_key": None,  # (model, prompt, beams, steps) it ran with
+        # -- Check yourself ----------------------------------------------------------------------------
+        "quiz_seed": None,  # this session's shuffle seed, drawn on the first visit (questions and options)
+        "quiz_pos": 0,  # the question on screen: an index into this session's shuffled order
+        "quiz_answers": {},  # question id -> kvviz.quiz.questions.Answer: the score is counted from these
+        "quiz_model": None,  # the model the answers were given on; another model starts the quiz over
+        "quiz_error": None,  # (question id, why the last response could not be graded)
+        "quiz_note": None,  # why the quiz started over, shown once
     }
 
 
