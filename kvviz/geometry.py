@@ -74,16 +74,20 @@ QUANTIZED: dict[str, QuantFormat] = {
 MAX_GROUP_SIZE = 1 << 20
 
 
-def quantized_bytes_per_element(bits: int, group_size: int | None, scale_bytes: int = 2,
-                                zero_point_bytes: int = 0) -> float:
-    """Average bytes per element of a group-quantized tensor: `bits` / 8 of payload plus one scale
-    (and zero point) shared by every `group_size` elements; None = per-tensor scale (payload only).
+def quantized_bytes_per_element(bits: int, group_size: int | None, scale_bytes: float = 2,
+                                zero_point: bool = False) -> float:
+    """Bytes per cached element of a group-quantised format, its scales included.
 
-    int4 with an fp16 scale and zero point per 64: 0.5 + 4 / 64 = 0.5625 B (4.5 bits); llama.cpp's
-    q4_0 (fp16 scale per 32, no zero point) is 0.5 + 2 / 32 = 0.5625 B too.
+    Each group of `group_size` values stores `bits` per value plus one scale of `scale_bytes` (and,
+    when asymmetric, a zero point / minimum of the same size); None = one scale per tensor (payload only):
+        bits / 8 + scale_bytes * (2 if zero_point else 1) / group_size
+    llama.cpp: q8_0 (8, 32) -> 1.0625 B (8.5 bits), q4_0 (4, 32) -> 0.5625 B (4.5 bits); int4 with an fp16
+    scale and zero point per 64 -> 0.5625 B too.
     """
+    if bits < 1 or (group_size is not None and group_size < 1):
+        raise ValueError(f"bits and group size must be positive, got bits={bits}, group_size={group_size}")
     payload = bits / 8
-    return payload if group_size is None else payload + (scale_bytes + zero_point_bytes) / group_size
+    return payload if group_size is None else payload + scale_bytes * (2 if zero_point else 1) / group_size
 
 
 def _groups(dims: tuple[int, ...], group_size: int) -> int:
@@ -353,19 +357,6 @@ def dtype_bytes(dtype: str) -> float:
     """Bytes per element of a cache dtype ("float16", "fp16", "torch.bfloat16", "int4", ...),
     without a quantized cache's scales."""
     return DTYPE_BYTES[normalize_dtype(dtype)]
-
-
-def quantized_bytes_per_element(bits: int, group_size: int, scale_bytes: float = 2, zero_point: bool = False) -> float:
-    """Bytes per cached element of a block-quantised format, its scales included.
-
-    Each group of `group_size` values stores `bits` per value plus one scale of `scale_bytes` (and,
-    when asymmetric, a zero point / minimum of the same size):
-        bits / 8 + scale_bytes * (2 if zero_point else 1) / group_size
-    llama.cpp: q8_0 (8, 32) -> 1.0625 B (8.5 bits), q4_0 (4, 32) -> 0.5625 B (4.5 bits).
-    """
-    if bits < 1 or group_size < 1:
-        raise ValueError(f"bits and group size must be positive, got bits={bits}, group_size={group_size}")
-    return bits / 8 + scale_bytes * (2 if zero_point else 1) / group_size
 
 
 def normalize_dtype(dtype: str) -> str:

@@ -30,6 +30,9 @@ st.markdown(
     "Pick an incident, read the question, then turn the knobs on the right until *after* beats *before*."
 )
 
+linked = st.query_params.get("scenario")  # kit.paged_link (e.g. from a quiz answer) opens one incident
+if linked in paged.SCENARIOS and st.session_state.get("paged_linked") != linked:
+    st.session_state.paged_linked = st.session_state["paged_scenario"] = linked  # once: the picker stays free after
 key = st.selectbox("Incident", list(paged.SCENARIOS), format_func=lambda k: paged.SCENARIOS[k].title,
                    key="paged_scenario")
 sc = paged.SCENARIOS[key]

@@ -71,7 +71,9 @@ def errors(at: AppTest) -> list[str]:
 def still_steps(at: AppTest) -> None:
     """The page still works: one more click records one more step of the run on screen."""
     n = len(at.session_state["step_session"].steps)
-    at.button(key="step_next").click().run()
+    # what the step view's Next button sends (see tests/pages/test_step_through.py)
+    at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, "do": "next"}]
+    at.run()
     assert not at.exception
     assert len(at.session_state["step_session"].steps) == n + 1
 
@@ -308,13 +310,13 @@ def test_model_too_large_is_refused_before_loading_with_the_estimate(tiny_checkp
 # -- unknown bug name -------------------------------------------------------------------------------------------
 def test_unknown_bug_name(tiny_checkpoint, tiny_llama):
     """The app offers bugs only from the registry (a select box); API and CLI name the valid ones."""
-    with pytest.raises(ValueError, match="unknown bug 'nope'; choose one of: none, ") as err:
+    with pytest.raises(ValueError, match="unknown cache variant 'nope'; choose one of: none, ") as err:
         kvviz.Session(tiny_llama, PROMPT, 3, bug="nope")
     for name in REGISTRY:
         assert name in str(err.value)
 
     out = run_cli("trace", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--bug", "nope")
-    assert_one_line_error(out.returncode, out.stderr, "unknown bug 'nope'")
+    assert_one_line_error(out.returncode, out.stderr, "unknown cache variant 'nope'")
 
 
 # -- out of memory during a step ----------------------------------------------------------------------------------
@@ -360,18 +362,31 @@ def test_other_errors_in_a_step_are_not_taken_for_out_of_memory(tiny_llama, monk
 
 
 def test_out_of_memory_in_the_app_shows_a_message_and_keeps_the_run(tiny_checkpoint, monkeypatch):
+    """The step view is a component: its payload carries the message, the `done` flag that disables Next, the run."""
+    import json
+
+    def shown() -> dict:
+        (view,) = at.get("bidi_component")
+        return json.loads(view.proto.json)
+
+    def send(do: str) -> None:
+        at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, "do": do}]
+        at.run()
+
     at = step_page(tiny_checkpoint)
     still_steps(at)
     model = at.session_state["step_session"].lm.model  # the one model every session shares
     with monkeypatch.context() as m:
         _fail_decode_steps(model, m, torch.OutOfMemoryError("CUDA out of memory"))
-        at.button(key="step_next").click().run()
-    assert any("ran out of memory at step 2" in e for e in errors(at))
+        send("next")
+    assert not at.exception
+    view = shown()
+    assert any(n["kind"] == "error" and "ran out of memory at step 2" in n["text"] for n in view["notices"])
     session = at.session_state["step_session"]
     assert session.done and len(session.steps) == 2  # prefill + the step before the fault, still on screen
-    assert at.button(key="step_next").disabled
-    at.button(key="step_reset").click().run()  # the user starts again: the app is fine
-    assert not errors(at)
+    assert view["done"] and len(view["kv"]["ref"]) == 2  # the browser disables Next on `done`
+    send("reset")  # the user starts again: the app is fine
+    assert not errors(at) and not shown()["notices"]
     still_steps(at)
 
 
@@ -900,7 +915,7 @@ def test_17_7_the_api_refuses_what_it_cannot_mean(tiny_llama):
         kvviz.trace(tiny_llama, 123, 2)
     with pytest.raises(kvviz.InputError, match="each forced token id must be at most 383, got 100000"):
         kvviz.Session(tiny_llama, PROMPT, 2, forced_ids=[1, 100_000])
-    with pytest.raises(kvviz.InputError, match="bug must be a catalogue name"):
+    with pytest.raises(kvviz.InputError, match="bug must be a registry name"):
         kvviz.Session(tiny_llama, PROMPT, 2, bug=7)
     for bad, needle in ((dict(temperature=float("nan")), "finite"), (dict(top_p=float("nan")), "finite"),
                         (dict(temperature=1e-45), "at least 0.01"), (dict(top_k=2.5), "whole number"),

@@ -290,10 +290,11 @@ class Session:
     def step_bytes(self, q_len: int, kv_len: int) -> int:
         """What one step records (an upper bound; `Step.nbytes` is the truth): per layer, float32 q' rows
         (num_heads, q_len, head_dim), k' and v' rows (num_kv_heads, q_len, head_dim), scores and
-        weights (num_heads, q_len, kv_len), the attended K and V when a bug may rewrite history."""
+        weights (num_heads, q_len, kv_len), the newest position's attention input (hidden_size,), the
+        attended K and V when a bug may rewrite history."""
         info = self.lm.info
         per_layer = 4 * (info.num_heads * q_len * info.head_dim + 2 * info.num_key_value_heads * q_len * info.head_dim
-                         + 2 * info.num_heads * q_len * kv_len) + 8 * info.num_heads
+                         + 2 * info.num_heads * q_len * kv_len + info.hidden_size) + 8 * info.num_heads
         if self.bug is not None:
             per_layer += 4 * 2 * info.num_key_value_heads * kv_len * info.head_dim
         logits = 4 * (info.vocab_size or 0) if self.keep_logits else 0

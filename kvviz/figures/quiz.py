@@ -13,10 +13,20 @@ import numpy as np
 import plotly.graph_objects as go
 
 from kvviz.figures.common import CACHED_COLOR, HIGHLIGHT, WEIGHT_SCALE, base_layout_dict, token_labels
-from kvviz.figures.step import causal_mask_nan
 
 REAL_COLOR = CACHED_COLOR
 TIED_COLOR = HIGHLIGHT
+
+
+def causal_mask_nan(matrix: np.ndarray) -> np.ndarray:
+    """The zero-padded row-by-row attention matrix with the future (above the diagonal) as NaN.
+
+    matrix (rows, cols): row i is query i; when cols > rows (a cache that started non-empty) the
+    diagonal is shifted by cols - rows. NaN draws as empty, so the causal triangle is visible.
+    """
+    rows, cols = matrix.shape
+    future = np.triu(np.ones((rows, cols), dtype=bool), k=1 + cols - rows)
+    return np.where(future, np.nan, matrix)
 
 
 def _check(matrix: np.ndarray, tokens: Sequence[str]) -> None:

@@ -383,8 +383,8 @@ def _oom_facts(live: LiveRun) -> Facts:
     return dict(n_req=w.n_requests, out_lo=w.output_tokens[0], out_hi=w.output_tokens[1], budget=f"{s.oom_budget_tokens:,}",
                 budget_bytes=human_bytes(s.oom_budget_tokens * s.bytes_per_token), seed=w.seed,
                 pre_paged=out["paged"]["preemptions"], pre_contig=out["contiguous"]["preemptions"],
-                finished=out["paged"]["finished"], sim_steps=out["paged"]["steps to finish all"],
-                peak_paged=out["paged"]["peak concurrent requests"], peak_contig=out["contiguous"]["peak concurrent requests"],
+                finished=out["paged"]["finished"], sim_steps=out["paged"]["steps"],
+                peak_paged=out["paged"]["peak running requests"], peak_contig=out["contiguous"]["peak running requests"],
                 B=s.block_size)
 
 
@@ -680,7 +680,7 @@ BANK: tuple[Spec, ...] = (
         "{reserve} tokens per request fits **{contiguous}** at once; paging (ceil({total} / {B}) = {blocks_per} blocks "
         "each) fits **{paged}**; sharing the system prompt's {shared_blocks} full blocks fits **{prefix}**.",
         _shared_prompt_facts, (LinkSpec("paged", "Paged & shared prefix: a shared system prompt",
-                                        {"scenario": "shared_system_prompt"}),),
+                                        {"scenario": "system_prompts"}),),
     ),
     Spec(
         "serving-oom", TOPIC_SERVING, "single",

@@ -64,7 +64,8 @@ def serving(bytes_per_token: int) -> Serving:
     s = SERVING_STATIC
     fits = paged.requests_that_fit(s["budget_tokens"], s["block_size"], s["system_tokens"] + s["user_tokens"],
                                    s["output_tokens"], s["max_new_tokens"], shared_len=s["system_tokens"])
-    results = paged.compare(OOM_WORKLOAD, OOM_BUDGET_TOKENS, s["block_size"], bytes_per_token, cells=False)
+    servers = paged.three_allocators(OOM_BUDGET_TOKENS, s["block_size"])
+    results = paged.compare(OOM_WORKLOAD.requests(), servers, bytes_per_token, cells=False)
     return Serving(bytes_per_token=bytes_per_token, fits=fits, oom_budget_tokens=OOM_BUDGET_TOKENS,
                    oom_workload=OOM_WORKLOAD, oom_summary={k: r.summary() for k, r in results.items()}, **s)
 

@@ -73,15 +73,17 @@ def bits_per_char(
 ) -> dict:
     """Bits per character of ``texts`` (each scored independently, starting from BOS).
 
-    Returns a dict with ``bits_per_char``, ``nats_per_token``, ``tokens``, ``chars``.
+    Returns a dict with ``bits_per_char``, ``nats_per_token``, ``tokens``, ``chars`` (all texts
+    together) and ``bits_per_char_by_text`` (one number per text, same order).
     """
-    total_nll, total_tokens, total_chars = 0.0, 0, 0
+    total_nll, total_tokens, total_chars, by_text = 0.0, 0, 0, []
     for text in texts:
-        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
         nll, n = token_nll(model, ids, context=context, stride=stride, device=device)
         total_nll += nll
         total_tokens += n
         total_chars += len(text)
+        by_text.append(nll / math.log(2) / len(text))
     return {
         "bits_per_char": total_nll / math.log(2) / total_chars,
         "nats_per_token": total_nll / total_tokens,
@@ -89,4 +91,17 @@ def bits_per_char(
         "chars": total_chars,
         "context": context,
         "stride": stride,
+        "bits_per_char_by_text": by_text,
     }
+
+
+def distinct_ngrams(ids: Sequence[int], n: int = 4) -> dict:
+    """How much a generated token sequence repeats itself: its distinct ``n``-grams of token ids.
+
+    ``ratio`` = distinct / total ``n``-grams (1.0: no ``n``-gram twice; a greedy loop drives it
+    down), the "distinct-n" of Li et al. 2016 ("A Diversity-Promoting Objective Function for
+    Neural Conversation Models") computed on token ids.
+    """
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    distinct = len(set(grams))
+    return {"n": n, "tokens": len(ids), "distinct": distinct, "total": len(grams), "ratio": distinct / max(1, len(grams))}

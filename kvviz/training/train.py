@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-span", type=int, default=Mix.max_span, help="longest repeated span, tokens")
     ap.add_argument("--copy-batch", type=int, default=0, help="rows of pure copying ([BOS] R R ...) added to every step")
     ap.add_argument("--copy-len", type=int, default=64, help="tokens per copying row")
+    ap.add_argument("--text-weight", type=float, default=1.0,
+                    help="weight of the text batch's loss; 0 skips it (a copying-only stage)")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--hidden-size", type=int, default=ModelSpec.hidden_size)
     ap.add_argument("--layers", type=int, default=ModelSpec.num_hidden_layers)
@@ -385,9 +387,12 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr
         ids, targets = stream.batch(rng, args.batch_size, args.seq_len, mix)
         ids, targets = ids.to(args.device), targets.to(args.device)
-        with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=ids[:, :-1]).logits  # (B, T, vocab)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE)
+        loss = torch.zeros((), device=args.device)
+        if args.text_weight > 0:
+            with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(input_ids=ids[:, :-1]).logits  # (B, T, vocab)
+            loss = args.text_weight * F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].flatten(),
+                                                      ignore_index=IGNORE)
         if args.copy_batch:
             # its own (shorter) batch: copying needs many examples per step to leave the plateau
             c_ids, c_targets = stream.copy_batch(rng, args.copy_batch, args.copy_len, mix)
@@ -401,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         progress["step"] = step = step + 1
-        progress["tokens"] += int((targets[:, 1:] != IGNORE).sum())
+        progress["tokens"] += int((targets[:, 1:] != IGNORE).sum()) if args.text_weight > 0 else 0
         progress["seconds"] = time.time() - t_run
         ema = progress["loss_ema"]
         progress["loss_ema"] = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()

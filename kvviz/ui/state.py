@@ -57,6 +57,7 @@ def _defaults() -> dict[str, Any]:
         "paged_results": None,  # {"before" | "after": SimResult} of the last simulation
         "paged_figures": None,  # the figures built from them (built once per simulation, not per rerun)
         "paged_key": None,  # the settings those results came from
+        "paged_linked": None,  # the ?scenario= a link opened once (the picker is free afterwards)
         # -- Serving: reuse, speculate, beam -----------------------------------------------------------
         "serve_store": None,  # this visitor's kvviz.serving.reuse.PrefixStore: rows of its own requests only
         "serve_store_key": None,  # (model name, block size) the store's rows belong to; a change starts a new store

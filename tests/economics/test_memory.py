@@ -292,7 +292,7 @@ def test_bad_sizes_and_group_sizes_say_what_to_fix():
     geo = kv_geometry(load_config_source("llama-3-8b"))
     with pytest.raises(ValueError, match="tokens must be"):
         memory.estimate(geo, -1)
-    with pytest.raises(ValueError, match="batch 1 to"):
+    with pytest.raises(ValueError, match="batch must be at least 1"):
         memory.estimate(geo, 10, 0)
     with pytest.raises(ValueError, match="group size"):
         memory.estimate(geo, 10, 1, "int4", group_size=0)

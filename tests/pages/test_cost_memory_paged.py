@@ -175,3 +175,14 @@ def test_paged_page_poses_an_incident_and_compares_before_and_after(tiny_checkpo
     at.number_input(key="paged_fragmentation_budget").set_value(16).run(timeout=180)
     at.selectbox(key="paged_fragmentation_block").set_value(256).run(timeout=180)  # 16 tokens < one block
     assert any("smaller than one block" in e for e in errors(at))
+
+
+def test_a_scenario_link_opens_that_incident_once(tiny_checkpoint):
+    """kit.paged_link(scenario) (the quiz's answers link there) opens the page on that incident; the picker stays free."""
+    at = AppTest.from_file(str(ROOT / "pages" / "paged.py"), default_timeout=120)
+    at.session_state["model_name"] = str(tiny_checkpoint)
+    at.query_params["scenario"] = "long_generations"
+    at.run()
+    assert not at.exception and at.selectbox(key="paged_scenario").value == "long_generations"
+    at.selectbox(key="paged_scenario").set_value("fragmentation").run()
+    assert at.selectbox(key="paged_scenario").value == "fragmentation"  # the link does not pull it back

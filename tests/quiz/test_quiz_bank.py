@@ -20,7 +20,7 @@ from kvviz.quiz import bank
 from kvviz.quiz.live import DECODE_STEP, FAR_STEP, LIVE_STEPS, SERVING_STATIC, live_run
 from kvviz.quiz.questions import KINDS, grade
 from kvviz.testing import tiny_model
-from kvviz.variants.bugs import REGISTRY
+from kvviz.variants.registry import names
 
 MODELS = ("bundled", "llama_mqa", "gpt2", "qwen2")
 
@@ -176,13 +176,13 @@ def test_links_point_at_real_views(run):
                 assert p["prompt"] == DEFAULT_PROMPT and int(p["steps"]) == LIVE_STEPS
                 assert 0 <= int(p["step"]) < LIVE_STEPS and 0 <= int(p["layer"]) < n["L"] and 0 <= int(p["head"]) < n["H"]
             if link.page == "bug_lab":
-                assert link.params["bug"] in REGISTRY
+                assert link.params["bug"] in names()
 
 
 def test_bug_names_in_the_bank_are_the_bug_labs():
-    assert set(bank.BUG_NAMES) <= set(REGISTRY)
+    assert set(bank.BUG_NAMES) <= set(names())
     text = " ".join(s.text + " ".join(s.options) + s.explanation for s in bank.BANK)
-    assert set(re.findall(r"`([a-z0-9_]+)`", text)) <= set(REGISTRY)
+    assert set(re.findall(r"`([a-z0-9_]+)`", text)) <= set(names())
 
 
 def test_tokens_are_escaped_for_markdown():

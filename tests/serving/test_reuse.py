@@ -107,7 +107,7 @@ def test_least_recently_used_blocks_are_evicted(bundled):
 
 def test_block_names_are_the_paged_simulators():
     """The simulator (economics.paged) names blocks the same way, so it can replay these requests' hits."""
-    from kvviz.economics.paged import block_hashes
+    from kvviz.economics.blocks import block_hashes
 
     ids = list(range(50, 90))
     assert PrefixStore(block_size=8).block_keys(ids) == block_hashes(tuple(ids), 8)
