@@ -50,7 +50,9 @@ if go_run:
     except InputError as e:
         st.error(kit.escape(str(e)))
     else:
-        st.markdown(f"**{kit.escape(t.prompt)}**{kit.escape(t.generated_text)}")
+        # two labelled lines, not "**prompt**continuation": a prompt ending in punctuation followed by a
+        # letter leaves the closing ** unmatched in Markdown (and the bold then spills into the answer)
+        st.markdown(f"**Prompt:** {kit.escape(t.prompt)}  \n**Continuation:** {kit.escape(t.generated_text)}")
         worst = max(s.max_abs_logit_diff or 0.0 for s in t.steps)
         st.caption(
             f"cache grew from {t.steps[0].cache_len} to {t.steps[-1].cache_len} positions; "

@@ -21,7 +21,7 @@ def main() -> None:
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport={"width": width, "height": height})
-        page.goto(url)
+        page.goto(url, timeout=120_000)
         page.wait_for_selector(IDLE, timeout=120_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=out, full_page=True)

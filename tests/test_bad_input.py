@@ -799,8 +799,8 @@ def test_17_6_home_and_the_sidebar_escape_what_a_visitor_typed(long_context_chec
     next(t for t in at.text_input if t.label == "Prompt").input(HOSTILE_TEXT.replace("\n", " "))
     generate(at)
     assert errors(at) == []
-    out = next(m.value for m in at.markdown if m.value.startswith("**"))
-    assert out.startswith("**" + kit.escape(HOSTILE_TEXT.replace("\n", " ")) + "**")
+    out = next(m.value for m in at.markdown if m.value.startswith("**Prompt:**"))
+    assert out.startswith("**Prompt:** " + kit.escape(HOSTILE_TEXT.replace("\n", " ")) + "  \n**Continuation:** ")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     at.selectbox(key="model_choice").set_value("other…").run()
     at.text_input(key="model_custom").input("![img](http://127.0.0.1:9/x.png)").run()
@@ -841,7 +841,7 @@ def test_17_6_a_hostile_prompt_renders_as_text_in_chromium(chromium, long_contex
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    assert counts == [0, 0, 1, 0, 0, 0, 0, 0], counts  # the one <strong> is kvviz's own bold around the prompt
+    assert counts == [0, 0, 2, 0, 0, 0, 0, 0], counts  # the two <strong> are kvviz's own labels (Prompt, Continuation)
     assert HOSTILE_TEXT.replace("\n", " ") in text
 
 

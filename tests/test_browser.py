@@ -58,7 +58,7 @@ def test_next_step_three_times_grows_k_by_three_rows(chromium, app_url):
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             # home, then the menu, as a visitor arrives
-            page.goto(app_url + "/")
+            page.goto(app_url + "/", timeout=120_000)
             page.get_by_role("link", name="Step through", exact=True).click(timeout=120_000)
             page.wait_for_function(f"({K_ROWS_JS})() > 0", timeout=120_000)
             page.wait_for_selector(IDLE, timeout=60_000)
@@ -104,7 +104,7 @@ def test_every_page_deep_linked_as_the_first_request_of_a_fresh_server(chromium,
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
                     errors: list[str] = []
                     page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
-                    page.goto(f"{url}/{'' if stem == 'home' else stem}")
+                    page.goto(f"{url}/{'' if stem == 'home' else stem}", timeout=120_000)
                     page.get_by_role("heading", name=heading).wait_for(timeout=120_000)
                     page.wait_for_selector(IDLE, timeout=120_000)
                     sidebar = page.locator("[data-testid='stSidebar']")
@@ -154,7 +154,7 @@ def test_quiz_answers_reach_the_browser_only_after_answering(chromium, app_url, 
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(app_url + "/quiz")
+            page.goto(app_url + "/quiz", timeout=120_000)
             page.get_by_role("heading", name="Check yourself").wait_for(timeout=300_000)
             seen = []
             for i in range(len(questions)):
@@ -170,7 +170,7 @@ def test_quiz_answers_reach_the_browser_only_after_answering(chromium, app_url, 
             assert sorted(seen) == sorted(questions), seen  # every question came by, in this session's order
             # a linked question (a teacher's URL), answered right: now its explanation is there
             q = questions["tenth-token-keys"]
-            page.goto(app_url + "/quiz?q=tenth-token-keys")
+            page.goto(app_url + "/quiz?q=tenth-token-keys", timeout=120_000)
             page.get_by_text("linked on its own").wait_for(timeout=120_000)
             page.wait_for_selector(IDLE, timeout=120_000)
             assert markers[q.id] not in page.content()
