@@ -68,7 +68,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"| exact cache | float32 | {data['exact_kib']:.0f} | {data['ppl_exact']:.3f} | 0 | 100% |"]
     for r in data["rows"]:
         lines.append(f"| {r['series']} | {r['label']} | {r['peak_cache_bytes'] / 1024:.0f} | {r['ppl']:.3f} | "
-                     f"{r['mean_kl']:.4f} | {r['top1_agree']:.1%} |")
+                     f"{r['mean_kl']:.2g} | {r['top1_agree']:.1%} |")
     return "\n".join(lines)
 
 

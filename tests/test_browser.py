@@ -79,6 +79,77 @@ def test_next_step_three_times_grows_k_by_three_rows(chromium, app_url):
             browser.close()
 
 
+VIEW_JS = "() => { const r = document.querySelector('.kvsv'); return r ? {...r.dataset} : null; }"
+CHART_BOXES_JS = """() => [...document.querySelectorAll('.kvsv [data-chart]')]
+  .filter(e => e.offsetParent !== null && e.getBoundingClientRect().width > 0 && e.getBoundingClientRect().height > 0)
+  .map(e => { const b = e.getBoundingClientRect(); return [e.dataset.chart, b.left, b.top, b.right, b.bottom]; })"""
+
+
+def overlaps(boxes: list) -> list[tuple[str, str]]:
+    """Pairs of drawn charts whose rectangles intersect by more than a pixel."""
+    out = []
+    for i, (a, *ra) in enumerate(boxes):
+        for b, *rb in boxes[i + 1:]:
+            if min(ra[2], rb[2]) - max(ra[0], rb[0]) > 1 and min(ra[3], rb[3]) - max(ra[1], rb[1]) > 1:
+                out.append((a, b))
+    return out
+
+
+def test_step_view_plays_in_the_browser_holds_still_restores_from_its_url_and_fits_a_phone(chromium, app_url):
+    """Issue 11 in a real browser: Next never moves; Play animates every recorded step with no script run on the
+    server while it plays; the page's URL rebuilds the same run; at 390 px no chart covers another."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p, chromium)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(app_url + "/step_through", timeout=120_000)
+            page.wait_for_function(f"({K_ROWS_JS})() > 0", timeout=120_000)
+            rows = page.evaluate(K_ROWS_JS)
+            nxt = page.get_by_role("button", name="Next step")
+            before = nxt.bounding_box()
+            nxt.click()
+            page.wait_for_function(f"({K_ROWS_JS})() === {rows + 1}", timeout=60_000)
+            page.wait_for_selector(IDLE, timeout=60_000)
+            assert nxt.bounding_box() == before  # the button never moves under the pointer
+
+            page.get_by_role("button", name="Play").click()
+            page.wait_for_function("() => document.querySelector('.kvsv').dataset.playing === '1'", timeout=60_000)
+            runs_playing = page.evaluate(VIEW_JS)["runs"]  # the payload Play asked for has arrived
+            page.wait_for_function("() => document.querySelector('.kvsv').dataset.playing === '0'", timeout=120_000)
+            view = page.evaluate(VIEW_JS)
+            assert int(view["frames"]) >= 10, view  # default 24 new tokens: 22 steps left to animate
+            assert view["runs"] == runs_playing, view  # no script run on the server while it played
+            assert page.evaluate(K_ROWS_JS) > rows + 10
+
+            shown = view["view"]
+            # 400 ms after Play stops the view tells the server its step, which writes it into the URL
+            page.wait_for_function(f"() => new URLSearchParams(location.search).get('step') === '{shown}'", timeout=60_000)
+            url = page.url
+            again = browser.new_page(viewport={"width": 1400, "height": 1000})
+            again.goto(url, timeout=120_000)
+            again.wait_for_function(f"({K_ROWS_JS})() > 0", timeout=120_000)
+            again.wait_for_selector(IDLE, timeout=60_000)
+            assert again.evaluate(VIEW_JS)["view"] == shown  # the same step of the same run
+            assert again.evaluate(K_ROWS_JS) == page.evaluate(K_ROWS_JS)
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(url, timeout=120_000)
+            phone.wait_for_function(f"({K_ROWS_JS})() > 0", timeout=120_000)
+            phone.wait_for_selector(IDLE, timeout=60_000)
+            phone.wait_for_timeout(1000)
+            boxes = phone.evaluate(CHART_BOXES_JS)
+            assert len(boxes) >= 4 and not overlaps(boxes), (boxes, overlaps(boxes))
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            phone.screenshot(path=str(ARTIFACTS / "step_through_390.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
 # the heading each page shows when it rendered (st.title)
 HEADINGS = {"home": "kvviz — watch the KV cache", "step_through": "Step through", "bug_lab": "Bug lab",
             "cost": "Cache vs recompute", "memory": "Memory per token", "paged": "Paged & shared-prefix caches",

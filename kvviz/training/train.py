@@ -36,8 +36,20 @@ goes to ``--state`` and an fp16 model to ``--out``; ``--resume`` continues from 
 a stopped run picks up where it was and ends as if it had never stopped.
 At the end, held-out bits/char on the full validation split is computed and logged.
 
-Run (the bundled model v2; about 2 hours on two CPU threads):
-    python -m kvviz.training.train --steps 3000 --out artifacts/bundled-v2 --state artifacts/train-v2.pt --resume
+Continued training and dense copying (what issue 13's runs measured on this 2-core CPU):
+* From scratch, 6 layers did not learn to copy within 1,000+ steps, with 12-40% of sequences
+  carrying a repeated span: the second copy's loss stayed at ln(vocab) (the induction plateau).
+* ``--init DIR`` starts from a saved model (v1 is ``kvviz/bundled``) on the same vocabulary; ``--copy-batch N`` adds N
+  rows of ``[BOS] R R R ...`` (|R| random in [min_span, max_span / 2]) to every step, scored
+  beside the text batch. With ``--copy-batch 32 --copy-len 64`` from v1, induction heads formed
+  between steps 300 and 400 (random-repeat second-copy loss 8.3 -> 0.08 nats; induction score
+  0.94 at L3H3 by step 900), but held-out bits/char was 1.387 on the quick slice (v1: 1.365) and no
+  sink head appeared (max 0.06): not yet a replacement for v1.
+
+Run (that experiment; ~2.7 s/step on two threads; ``--resume`` continues a stopped run):
+    python -m kvviz.training.train --init kvviz/bundled --out artifacts/bundled-v2f \
+        --state artifacts/train-v2f.pt --steps 1500 --lr 1e-3 --warmup-steps 30 --no-bf16 --dropout 0.1 \
+        --random-repeat 0.25 --text-repeat 0.15 --min-span 8 --max-span 64 --copy-batch 32 --copy-len 64 --resume
 """
 
 from __future__ import annotations

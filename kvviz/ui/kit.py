@@ -156,7 +156,7 @@ def picker(label: str, n: int, key: str, fmt: Callable[[int], str] = str) -> int
     if key not in st.session_state or st.session_state[key] is None or st.session_state[key] >= n:
         st.session_state[key] = 0
     if n <= 12:
-        return st.segmented_control(label, list(range(n)), format_func=fmt, required=True, key=key)
+        return st.segmented_control(label, list(range(n)), format_func=fmt, required=True, key=key, wrap=True)  # a phone wraps them
     return st.selectbox(label, list(range(n)), format_func=fmt, key=key)
 
 
