@@ -25,7 +25,7 @@ from streamlit.testing.v1 import AppTest, app_test
 import kvviz
 from kvviz.engine.sampling import Sampling
 from kvviz.testing import run_in_lockstep
-from kvviz.variants.bugs import REGISTRY
+from kvviz.variants.registry import names
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
@@ -54,7 +54,7 @@ def assert_same_run(got: kvviz.Trace, ref: kvviz.Trace) -> None:
 
 # -- the API ------------------------------------------------------------------------------------------
 def api_configs() -> list[dict[str, Any]]:
-    bugs = sorted(REGISTRY)[:2]  # two injected bugs: their per-session cache state must stay per session
+    bugs = names("bug")[:2]  # two injected bugs: their per-session cache state must stay per session
     rows = [  # (prompt, sampling, bug, parity check)
         ("It is a truth universally acknowledged", Sampling(), None, True),
         ("The quick brown fox", Sampling(greedy=False, temperature=1.3, seed=1), None, False),

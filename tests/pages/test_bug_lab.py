@@ -9,7 +9,8 @@ from streamlit.testing.v1 import AppTest
 
 from kvviz.variants.bugs import REGISTRY
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
+ROOT = Path(__file__).resolve().parents[2]
+APP = str(ROOT / "app.py")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,9 @@ def test_default_bug_is_shown_with_every_evidence_view(lab):
     assert m["Verdict"] == "bug" and m["Diverges at"].startswith("step ")
     assert m["K/V differ from"] == "layer 0"
     assert [t.label for t in at.tabs] == ["Logits", "K/V rows", "Attention", "Cache lengths"]
-    assert len(at.get("plotly_chart")) == 6  # logits, 3 K/V views, attention, lengths
+    keys = [c.key for c in at.get("plotly_chart")]  # logits, 3 K/V views, attention, lengths (+ quality, measured)
+    assert keys[:6] == ["lab_logits", "lab_kv_layers", "lab_kv_steps", "lab_kv_share", "lab_attention", "lab_lengths"]
+    assert keys[6:] == (["lab_quality"] if (ROOT / "docs" / "variant_quality.json").exists() else [])
     assert any("stopped growing" in md.value for md in at.markdown)  # the written diagnosis
 
 
