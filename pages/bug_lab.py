@@ -161,9 +161,10 @@ def exact_run(lm: kvviz.LoadedModel, settings: LabSettings) -> Any:
 def run_lab(lm: kvviz.LoadedModel, settings: LabSettings) -> None:
     """Diagnose with the new settings; on bad input keep the previous diagnosis and say why."""
     try:
-        d = diagnose(lm, settings.bug, settings.prompt, settings.steps, layers=list(settings.layers or []) or None,
-                     start_step=settings.start_step, sampling=settings.sampling, clean=exact_run(lm, settings),
-                     **dict(settings.params))
+        with kit.model_work("Running both caches"):
+            d = diagnose(lm, settings.bug, settings.prompt, settings.steps, layers=list(settings.layers or []) or None,
+                         start_step=settings.start_step, sampling=settings.sampling, clean=exact_run(lm, settings),
+                         **dict(settings.params))
     except (kvviz.InputError, ValueError) as e:
         st.session_state.lab_error = str(e)
         return

@@ -99,11 +99,11 @@ def prefix_store_section() -> None:
         sent = st.form_submit_button("Send the request", type="primary", icon=":material/send:")
     try:
         if fresh:  # two requests that share a system prompt, to start from
-            with st.spinner("Serving two requests…"):
+            with kit.model_work("Serving two requests"), st.spinner("Serving two requests…"):
                 for text in d.REQUESTS:
                     serve(lm, store, text, min(8, CAP))
         elif sent:
-            with st.spinner("Serving…"):
+            with kit.model_work("Serving"), st.spinner("Serving…"):
                 serve(lm, store, prompt, steps)
     except InputError as e:
         st.error(str(e))
@@ -189,7 +189,7 @@ def speculate_section() -> None:
     spec_key = (lm.name, spec_prompt, spec_steps, int(k), int(ngram))
     if ss.serve_spec_key != spec_key:
         try:
-            with st.spinner("Speculating…"):
+            with kit.model_work("Speculating"), st.spinner("Speculating…"):
                 ss.serve_spec = speculate(lm, spec_prompt, spec_steps, int(k), max_ngram=int(ngram))
             ss.serve_spec_key = spec_key
         except InputError as e:
@@ -235,7 +235,7 @@ def beam_section() -> None:
     beam_key = (lm.name, beam_prompt, int(beams), beam_steps)
     if ss.serve_beam_key != beam_key:
         try:
-            with st.spinner("Searching…"):
+            with kit.model_work("Searching"), st.spinner("Searching…"):
                 ss.serve_beam = beam_search(lm, beam_prompt, int(beams), beam_steps)
             ss.serve_beam_key = beam_key
         except InputError as e:

@@ -116,8 +116,9 @@ def sidebar(limits: kvviz.Limits) -> tuple[RunSettings, bool]:
 def start_run(lm: kvviz.LoadedModel, settings: RunSettings, parity: bool) -> str | None:
     """A fresh Session with prefill done. On bad input, returns why and the previous run stays."""
     try:
-        session = kvviz.Session(lm, settings.prompt, settings.new_tokens, sampling=settings.sampling, parity=parity)
-        session.step()  # prefill: step 0
+        with kit.model_work("Prefill"):
+            session = kvviz.Session(lm, settings.prompt, settings.new_tokens, sampling=settings.sampling, parity=parity)
+            session.step()  # prefill: step 0
     except kvviz.InputError as e:
         return str(e)
     ss = st.session_state
@@ -137,15 +138,15 @@ def advance(n: int = 1) -> None:
     """Record up to `n` more steps (fewer when the run ends) and show the newest."""
     ss = st.session_state
     session: kvviz.Session = ss.step_session
-    for _ in range(max(1, n)):
-        if session.done:
-            break
-        try:
-            session.step()
-        except kvviz.InputError as e:
-            ss.step_error = str(e)
-            break
-        ss.step_error = None
+    try:
+        with kit.model_work("Stepping"):  # the fair queue: one visitor's Play cannot starve the others
+            for _ in range(max(1, n)):
+                if session.done:
+                    break
+                session.step()
+                ss.step_error = None
+    except kvviz.InputError as e:  # a refused or failed step (the run keeps what it recorded), or a full queue
+        ss.step_error = str(e)
     ss.update(step_view=len(session.steps) - 1, step_nonce=ss.step_nonce + 1)
 
 

@@ -936,7 +936,7 @@ def test_17_7_the_api_refuses_what_it_cannot_mean(tiny_llama):
 # -- 17.8 fairness under load -----------------------------------------------------------------------------------
 def test_17_8_pages_do_model_work_through_the_fair_queue_and_measure_only_on_request(tiny_checkpoint, monkeypatch):
     """Guards issue 17.8: every session's CPU work ran at once, and the cost page started a timing run on each first
-    visit. (The other pages adopt `kit.model_work` when their rebuilds merge.)"""
+    visit."""
     from kvviz.engine import work
 
     taken: list[bool] = []
@@ -957,6 +957,24 @@ def test_17_8_pages_do_model_work_through_the_fair_queue_and_measure_only_on_req
     next(b for b in at.button if "Run the measurements" in b.label).click().run()
     assert errors(at) == [] and taken == [False, True]  # the measurement ran alone
     assert at.session_state["cost_sweep"] is not None
+
+
+def test_17_8_the_step_page_prefills_and_steps_through_the_fair_queue(tiny_checkpoint, monkeypatch):
+    """Guards issue 17.8 on the step page (the Bug lab and serving page wrap their runs the same way)."""
+    from kvviz.engine import work
+
+    taken: list[bool] = []
+    real = work.FairQueue.slot
+
+    def spy(self: work.FairQueue, exclusive: bool = False, on_wait: Any = None) -> Any:
+        taken.append(exclusive)
+        return real(self, exclusive, on_wait)
+
+    monkeypatch.setattr(work.FairQueue, "slot", spy)
+    at = step_page(tiny_checkpoint)
+    assert taken == [False]  # the prefill
+    still_steps(at)
+    assert taken == [False, False]  # the step
 
 
 def test_17_8_a_timing_runs_thread_count_never_reaches_another_visitors_work():
