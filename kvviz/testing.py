@@ -124,3 +124,19 @@ def run_cli(*args: str) -> CliResult:
         except SystemExit as e:  # argparse's own usage errors
             code = int(e.code or 0)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+# -- the step page's view, driven from AppTest ------------------------------------------------------------
+def step_view_act(at: Any, **action: Any) -> Any:
+    """Send one action as the step view's browser code does (`kvviz/ui/stepview/view.js`: an id one
+    past the last acknowledged, then `do`, ...) and rerun the page. `at` is a streamlit AppTest."""
+    at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, **action}]
+    return at.run()
+
+
+def step_view_payload(at: Any) -> dict[str, Any]:
+    """The step view's payload, as the browser receives it (the page draws exactly one step view)."""
+    import json
+
+    (view,) = at.get("bidi_component")
+    return json.loads(view.proto.json)

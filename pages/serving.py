@@ -8,6 +8,9 @@ conversation, its runs. The model is the shared, read-only one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import streamlit as st
 
 from kvviz.engine.session import InputError, Limits
@@ -169,6 +172,19 @@ def reuse_section() -> None:
     chat_section()
 
 
+def run_once(name: str, key: tuple, label: str, compute: Callable[[], Any]) -> Any:
+    """The result kept in `serve_{name}` for these inputs (`key`), computed through the fair queue
+    only when the inputs changed; None (and the reason shown) when they cannot run."""
+    if ss[f"serve_{name}_key"] != key:
+        try:
+            with kit.model_work(label), st.spinner(f"{label}…"):
+                ss[f"serve_{name}"] = compute()
+            ss[f"serve_{name}_key"] = key
+        except InputError as e:
+            st.error(str(e))
+    return ss[f"serve_{name}"] if ss[f"serve_{name}_key"] == key else None
+
+
 # -- speculative decoding -------------------------------------------------------------------------------
 def speculate_section() -> None:
     st.markdown(
@@ -186,16 +202,9 @@ def speculate_section() -> None:
         k = c[1].number_input("Draft tokens k", 1, d.MAX_DRAFT_TOKENS, d.DEFAULT_DRAFT_TOKENS, key="serve_spec_k")
         ngram = c[2].number_input("Longest n-gram looked up", 1, 4, d.DEFAULT_MAX_NGRAM, key="serve_spec_ngram")
         st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
-    spec_key = (lm.name, spec_prompt, spec_steps, int(k), int(ngram))
-    if ss.serve_spec_key != spec_key:
-        try:
-            with kit.model_work("Speculating"), st.spinner("Speculating…"):
-                ss.serve_spec = speculate(lm, spec_prompt, spec_steps, int(k), max_ngram=int(ngram))
-            ss.serve_spec_key = spec_key
-        except InputError as e:
-            st.error(str(e))
-    run = ss.serve_spec
-    if run is not None and ss.serve_spec_key == spec_key:
+    run = run_once("spec", (lm.name, spec_prompt, spec_steps, int(k), int(ngram)), "Speculating",
+                   lambda: speculate(lm, spec_prompt, spec_steps, int(k), max_ngram=int(ngram)))
+    if run is not None:
         c = st.columns(4)
         c[0].metric("Acceptance", "–" if run.acceptance_rate is None else f"{run.acceptance_rate:.0%}",
                     help=f"{run.accepted} of {run.proposed} drafted tokens")
@@ -232,16 +241,9 @@ def beam_section() -> None:
         with c[1]:
             beam_steps = steps_input("Most new tokens", 64, 12, "serve_beam_steps")
         st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
-    beam_key = (lm.name, beam_prompt, int(beams), beam_steps)
-    if ss.serve_beam_key != beam_key:
-        try:
-            with kit.model_work("Searching"), st.spinner("Searching…"):
-                ss.serve_beam = beam_search(lm, beam_prompt, int(beams), beam_steps)
-            ss.serve_beam_key = beam_key
-        except InputError as e:
-            st.error(str(e))
-    br = ss.serve_beam
-    if br is not None and ss.serve_beam_key == beam_key:
+    br = run_once("beam", (lm.name, beam_prompt, int(beams), beam_steps), "Searching",
+                  lambda: beam_search(lm, beam_prompt, int(beams), beam_steps))
+    if br is not None:
         stored = br.num_beams * br.steps[-1].cache_shape[1]
         c = st.columns(3)
         c[0].metric("Best score", f"{br.beams[0].score:.4f}", help="sum of log-probabilities / length (generate's ranking)")

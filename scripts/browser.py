@@ -1,6 +1,6 @@
 """What every real-browser run of kvviz needs: start the app, launch Debian chromium, wait, read K.
 
-Shared by `tests/test_browser.py`, `scripts/browser_bench.py` and `scripts/shot.py`, so the
+Shared by `tests/test_browser.py` and the scripts (browser_bench, shot, load_test), so the
 chromium flags (this machine's closed network refuses Chromium's background connections), the
 "Streamlit is idle" selector and the way the K heatmap is read from the DOM live in one place.
 """

@@ -30,10 +30,8 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.browser import CHROMIUM, K_ROWS_JS, free_port, start_app, wait_healthy  # noqa: E402
+from scripts.browser import K_ROWS_JS, free_port, launch, start_app, wait_healthy  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 WORDS = ["It is a truth universally acknowledged, that", "Emma Woodhouse, handsome, clever, and rich,",
          "Captain Wentworth", "Mr. Darcy looked at Elizabeth", "The keys and the values of", "She had never seen",
          "My dear Mr. Bennet,", "In the morning the party"]
@@ -88,7 +86,7 @@ async def run(url: str, n: int, clicks: int) -> list[dict]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = await launch(p)  # the async API's launch is awaitable; same chromium and flags
         barrier = asyncio.Barrier(n)
         out = await asyncio.gather(*(session(browser, url, i, clicks, barrier) for i in range(n)))
         await browser.close()

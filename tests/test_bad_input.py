@@ -22,7 +22,7 @@ from kvviz import cli
 from kvviz.engine import models
 from kvviz.engine.session import Limits, RunAborted
 from kvviz.geometry import human_bytes
-from kvviz.testing import run_cli
+from kvviz.testing import run_cli, step_view_act, step_view_payload
 from kvviz.ui.text import unescape
 from kvviz.variants.bugs import REGISTRY
 
@@ -71,9 +71,7 @@ def errors(at: AppTest) -> list[str]:
 def still_steps(at: AppTest) -> None:
     """The page still works: one more click records one more step of the run on screen."""
     n = len(at.session_state["step_session"].steps)
-    # what the step view's Next button sends (see tests/pages/test_step_through.py)
-    at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, "do": "next"}]
-    at.run()
+    step_view_act(at, do="next")  # what the step view's Next button sends
     assert not at.exception
     assert len(at.session_state["step_session"].steps) == n + 1
 
@@ -363,30 +361,20 @@ def test_other_errors_in_a_step_are_not_taken_for_out_of_memory(tiny_llama, monk
 
 def test_out_of_memory_in_the_app_shows_a_message_and_keeps_the_run(tiny_checkpoint, monkeypatch):
     """The step view is a component: its payload carries the message, the `done` flag that disables Next, the run."""
-    import json
-
-    def shown() -> dict:
-        (view,) = at.get("bidi_component")
-        return json.loads(view.proto.json)
-
-    def send(do: str) -> None:
-        at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, "do": do}]
-        at.run()
-
     at = step_page(tiny_checkpoint)
     still_steps(at)
     model = at.session_state["step_session"].lm.model  # the one model every session shares
     with monkeypatch.context() as m:
         _fail_decode_steps(model, m, torch.OutOfMemoryError("CUDA out of memory"))
-        send("next")
+        step_view_act(at, do="next")
     assert not at.exception
-    view = shown()
+    view = step_view_payload(at)
     assert any(n["kind"] == "error" and "ran out of memory at step 2" in n["text"] for n in view["notices"])
     session = at.session_state["step_session"]
     assert session.done and len(session.steps) == 2  # prefill + the step before the fault, still on screen
     assert view["done"] and len(view["kv"]["ref"]) == 2  # the browser disables Next on `done`
-    send("reset")  # the user starts again: the app is fine
-    assert not errors(at) and not shown()["notices"]
+    step_view_act(at, do="reset")  # the user starts again: the app is fine
+    assert not errors(at) and not step_view_payload(at)["notices"]
     still_steps(at)
 
 
@@ -934,9 +922,9 @@ def test_17_7_the_api_refuses_what_it_cannot_mean(tiny_llama):
 
 
 # -- 17.8 fairness under load -----------------------------------------------------------------------------------
-def test_17_8_pages_do_model_work_through_the_fair_queue_and_measure_only_on_request(tiny_checkpoint, monkeypatch):
-    """Guards issue 17.8: every session's CPU work ran at once, and the cost page started a timing run on each first
-    visit."""
+@pytest.fixture
+def queue_slots(monkeypatch) -> list[bool]:
+    """Every slot taken from the fair model queue, as its `exclusive` flag, in order."""
     from kvviz.engine import work
 
     taken: list[bool] = []
@@ -947,34 +935,30 @@ def test_17_8_pages_do_model_work_through_the_fair_queue_and_measure_only_on_req
         return real(self, exclusive, on_wait)
 
     monkeypatch.setattr(work.FairQueue, "slot", spy)
+    return taken
+
+
+def test_17_8_pages_do_model_work_through_the_fair_queue_and_measure_only_on_request(tiny_checkpoint, queue_slots):
+    """Guards issue 17.8: every session's CPU work ran at once, and the cost page started a timing run on each first
+    visit."""
     at = home_page(tiny_checkpoint)
     generate(at)
-    assert errors(at) == [] and taken == [False]  # Home's quick run took one slot
+    assert errors(at) == [] and queue_slots == [False]  # Home's quick run took one slot
     at.switch_page(str(ROOT / "pages" / "cost.py")).run()
-    assert errors(at) == [] and taken == [False]  # a visit measures nothing
+    assert errors(at) == [] and queue_slots == [False]  # a visit measures nothing
     at.multiselect(key="cost_contexts").set_value([8, 16])
     at.number_input(key="cost_repeats").set_value(1)
     next(b for b in at.button if "Run the measurements" in b.label).click().run()
-    assert errors(at) == [] and taken == [False, True]  # the measurement ran alone
+    assert errors(at) == [] and queue_slots == [False, True]  # the measurement ran alone
     assert at.session_state["cost_sweep"] is not None
 
 
-def test_17_8_the_step_page_prefills_and_steps_through_the_fair_queue(tiny_checkpoint, monkeypatch):
+def test_17_8_the_step_page_prefills_and_steps_through_the_fair_queue(tiny_checkpoint, queue_slots):
     """Guards issue 17.8 on the step page (the Bug lab and serving page wrap their runs the same way)."""
-    from kvviz.engine import work
-
-    taken: list[bool] = []
-    real = work.FairQueue.slot
-
-    def spy(self: work.FairQueue, exclusive: bool = False, on_wait: Any = None) -> Any:
-        taken.append(exclusive)
-        return real(self, exclusive, on_wait)
-
-    monkeypatch.setattr(work.FairQueue, "slot", spy)
     at = step_page(tiny_checkpoint)
-    assert taken == [False]  # the prefill
+    assert queue_slots == [False]  # the prefill
     still_steps(at)
-    assert taken == [False, False]  # the step
+    assert queue_slots == [False, False]  # the step
 
 
 def test_17_8_a_timing_runs_thread_count_never_reaches_another_visitors_work():

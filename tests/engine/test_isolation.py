@@ -9,7 +9,6 @@ Two levels, both compared against the same sessions run one after another:
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,7 +23,7 @@ from streamlit.testing.v1 import AppTest, app_test
 
 import kvviz
 from kvviz.engine.sampling import Sampling
-from kvviz.testing import run_in_lockstep
+from kvviz.testing import run_in_lockstep, step_view_act, step_view_payload
 from kvviz.variants.registry import names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,9 +167,7 @@ def open_step_page(model_dir: str, prompt: str, sampling: dict[str, Any] | None)
 
 
 def click_next(at: AppTest) -> None:
-    """What the step view's Next button sends (see tests/pages/test_step_through.py)."""
-    at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, "do": "next"}]
-    at.run()
+    step_view_act(at, do="next")  # what the step view's Next button sends
 
 
 def shown(at: AppTest) -> dict[str, Any]:
@@ -178,12 +175,11 @@ def shown(at: AppTest) -> dict[str, Any]:
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     session: kvviz.Session = at.session_state["step_session"]
-    (view,) = at.get("bidi_component")  # the payload the browser draws from
     return {
         "session": session,
         "trace": session.trace(),
         "shown_step": at.session_state["step_view"],
-        "payload_steps": len(json.loads(view.proto.json)["kv"]["ref"]),
+        "payload_steps": len(step_view_payload(at)["kv"]["ref"]),  # what the browser draws from
     }
 
 

@@ -10,7 +10,6 @@ tab, bad input, a changed prompt, Reset, Play. Links (URL parameters) get fresh 
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from kvviz.engine.heads import load_heads
 from kvviz.engine.models import BUNDLED_DIR
+from kvviz.testing import step_view_act, step_view_payload
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
@@ -33,8 +33,7 @@ def ok(at: AppTest) -> AppTest:
 
 def view(at: AppTest) -> dict:
     """The step view's payload: what the browser draws from."""
-    (element,) = at.get("bidi_component")
-    return json.loads(element.proto.json)
+    return step_view_payload(at)
 
 
 def f32(b64: str) -> np.ndarray:
@@ -54,8 +53,7 @@ def k_rows(v: dict, step: int) -> np.ndarray:
 
 def act(at: AppTest, **action) -> AppTest:
     """Send one action as the view would (its id increments like the browser's)."""
-    at.session_state["step_pending"] = [{"id": int(at.session_state["step_ack"]) + 1, **action}]
-    return ok(at.run())
+    return ok(step_view_act(at, **action))
 
 
 def open_step_page(**query: str) -> AppTest:
