@@ -183,10 +183,15 @@ def current_recorder() -> StepRecorder | None:
 
 @contextmanager
 def recording(recorder: StepRecorder) -> Iterator[StepRecorder]:
-    """Make `recorder` the target of captures for the forwards run inside the block."""
+    """Make `recorder` the target of captures for the forwards run inside the block.
+
+    On a normal exit whatever is still pending moves to the host (`to_host`), so after the block
+    `new_kv` and `attention` are complete; a caller timing the transfer calls `to_host` itself
+    inside the block (the Session does), and this finds nothing left to move."""
     token = _RECORDER.set(recorder)
     try:
         yield recorder
+        recorder.to_host()
     finally:
         _RECORDER.reset(token)
 

@@ -48,7 +48,6 @@ def recorded(lm, ids, override=None):
     rec = capture.StepRecorder(step=0, override=override)
     with torch.inference_mode(), capture.recording(rec):
         logits = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
-    rec.to_host()
     return rec, logits
 
 
