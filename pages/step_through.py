@@ -120,6 +120,7 @@ def start_run(lm: kvviz.LoadedModel, settings: RunSettings, parity: bool) -> str
             session = kvviz.Session(lm, settings.prompt, settings.new_tokens, sampling=settings.sampling, parity=parity)
             session.step()  # prefill: step 0
     except kvviz.InputError as e:
+        st.session_state.step_notices = []  # an older "restarted" note would contradict "showing the previous run"
         return str(e)
     ss = st.session_state
     previous: RunSettings | None = ss.step_settings
